@@ -9,19 +9,44 @@ import torch
 TINY = {
     "llama-tied-gqa": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
-    "llama-untied": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    "llama-untied": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
                                    tie_word_embeddings=False, attention_bias=True,
                                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "llama-linear-rope": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=2, rope_scaling={"type": "linear", "factor": 2.0})),
-    "gpt2": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
+    "gpt2": ("gpt2", dict(n_embd=64, n_layer=6, n_head=4, n_positions=256)),
     "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
                         max_position_embeddings=256)),
+    "llama-amateur": ("llama", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, tie_word_embeddings=True)),
     "opt-350m-style": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                                    word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=256)),
 }
-VOCAB = 256
+VOCAB = 320
+TEXT = ("The quick brown fox jumps over the lazy dog. Layers improve gradually, layer by layer. "
+        "Contrastive decoding scores tokens by how much the expert improves on the amateur. 0123456789 ")
+
+
+def save_tiny_tokenizer(out_dir: Path) -> None:
+    """A byte-level BPE with VOCAB entries (<pad>=0, <s>=1, </s>=2) and a chat template."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    tok.save(str(out_dir / "tokenizer.json"))
+    template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}" \
+               "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
+        "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def build_tiny(kind: str, out_dir: Path, seed: int = 0):
@@ -50,6 +75,7 @@ def build_tiny(kind: str, out_dir: Path, seed: int = 0):
             else:
                 p.normal_(1.0, 0.1)
     model.save_pretrained(out_dir, safe_serialization=True)
+    save_tiny_tokenizer(Path(out_dir))
     return model.eval()
 
 

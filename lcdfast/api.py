@@ -1,0 +1,299 @@
+"""The Python API: `lcdfast.load()` -> `Engine` with generate, score, layer_logits and lens."""
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .checkpoint import load_model
+from .errors import LcdError
+from .generate import METHODS, DecodeConfig, Generation, decode_step, generate_ids, score_ids
+from .model import Transformer
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+def dola_candidates(dola_layers: str | list[int] | tuple[int, ...], n_layers: int, tied: bool) -> tuple[int, ...]:
+    """transformers 4.51's mapping of `dola_layers` ("low", "high", or explicit indices) to candidate layers."""
+    if isinstance(dola_layers, str) and dola_layers not in ("low", "high"):
+        try:
+            dola_layers = [int(x) for x in dola_layers.split(",") if x.strip()]
+        except ValueError:
+            raise LcdError(f"dola_layers: '{dola_layers}' is not low, high or a comma-separated list of ints") from None
+    start = 0 if not tied else 2 if n_layers > 2 else 1 if n_layers == 2 else 0
+    if dola_layers == "low":
+        if start == n_layers // 2:
+            layers = [start]
+        else:
+            layers = list(range(start, n_layers // 2, 2) if n_layers <= 40 else range(start, 20, 2))
+    elif dola_layers == "high":
+        layers = list(range(n_layers // 2, n_layers, 2) if n_layers <= 40 else range(n_layers - 20, n_layers, 2))
+    else:
+        if any(i < 0 for i in dola_layers):
+            raise LcdError(f"dola_layers: negative layer in {list(dola_layers)} (allowed 0..{n_layers - 1})")
+        layers = [i for i in dola_layers if i < n_layers]
+    if not layers:
+        raise LcdError(f"dola_layers: no candidate layer left from {dola_layers!r} (allowed 0..{n_layers - 1})")
+    return tuple(layers)
+
+
+def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
+    """Trained per-layer exit heads from safetensors: keys `...lm_head_<i>.weight`, each [V, E]."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, FileNotFoundError) as e:
+        raise LcdError(f"{path}: cannot read exit heads ({e})") from None
+    cfg, heads = model.config, {}
+    ref = model.output.weight
+    for key, tensor in tensors.items():
+        m = re.search(r"lm_head_(\d+)\.weight$", key)
+        if m is None:
+            continue
+        layer = int(m.group(1))
+        if not 0 <= layer <= cfg.n_layers:
+            raise LcdError(f"{path}: head '{key}' is for layer {layer}, model has layers 0..{cfg.n_layers}")
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise LcdError(f"{path}: head '{key}' has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}")
+        heads[layer] = tensor.to(dtype=ref.dtype, device=ref.device)
+    if not heads:
+        raise LcdError(f"{path}: no tensors named 'lm_head_<layer>.weight'")
+    return heads
+
+
+class Engine:
+    """A loaded model, its tokenizer and options; every CLI command is a call on this."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, model_dir: Path, max_seq_len: int = 4096) -> None:
+        self.model, self.tokenizer, self.model_dir = model, tokenizer, model_dir
+        cfg = model.config
+        self.max_seq_len = min(max_seq_len, cfg.max_positions) if cfg.positions == "learned" else max_seq_len
+        self.amateur: Transformer | None = None
+        self.exit_heads: dict[int, Tensor] = {}
+        self.compiled_step: Callable | None = None
+        self.eos_ids = sorted(set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.n_layers
+
+    def set_amateur(self, path: str | Path) -> None:
+        """CD's separate amateur model: same vocabulary required; it keeps its own KV cache."""
+        ref = self.model.output.weight
+        amateur = load_model(path, ref.dtype, ref.device)
+        if amateur.config.vocab_size != self.model.config.vocab_size:
+            raise LcdError(f"--amateur-model {path}: vocab_size {amateur.config.vocab_size} differs from the "
+                           f"expert's {self.model.config.vocab_size}")
+        self.amateur = amateur
+
+    def set_exit_heads(self, path: str | Path) -> None:
+        self.exit_heads = load_exit_heads(path, self.model)
+
+    def enable_compile(self, mode: str | None = None) -> None:
+        """Compile the decode step (fullgraph, static shapes); eager stays the fallback."""
+        kwargs = {"mode": mode or ("reduce-overhead" if self.model.output.weight.is_cuda else None)}
+        self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **kwargs)
+
+    def _exit_weights(self, layers: tuple[int, ...]) -> Tensor | None:
+        if not any(j in self.exit_heads for j in layers):
+            return None
+        return torch.stack([self.exit_heads.get(j, self.model.output.weight) for j in layers])
+
+    def decode_config(
+        self, method: str = "greedy", do_sample: bool | None = None, temperature: float = 1.0, top_k: int = 0,
+        top_p: float = 1.0, repetition_penalty: float = 1.0, amateur_layer: int | None = None,
+        dola_layers: str | list[int] | None = None, dola_batch_mode: bool = False, alpha: float = 0.1,
+        min_tokens_to_keep: int = 1, beta: float | None = None, amateur_temperature: float = 1.0,
+        exit_norm: bool | None = None,
+    ) -> DecodeConfig:
+        """Validate options (LcdError naming the argument) and fix the decode step's static shape."""
+        n = self.n_layers
+        if method not in METHODS:
+            raise LcdError(f"method: '{method}' unknown (expected one of {', '.join(METHODS)})")
+        if temperature < 0 or temperature != temperature:
+            raise LcdError(f"temperature: {temperature} must be >= 0")
+        if not 0 < top_p <= 1:
+            raise LcdError(f"top_p: {top_p} must be in (0, 1]")
+        if top_k < 0:
+            raise LcdError(f"top_k: {top_k} must be >= 0")
+        if repetition_penalty <= 0:
+            raise LcdError(f"repetition_penalty: {repetition_penalty} must be > 0")
+        if not 0 < alpha <= 1:
+            raise LcdError(f"alpha: {alpha} must be in (0, 1]")
+        if min_tokens_to_keep < 1:
+            raise LcdError(f"min_tokens_to_keep: {min_tokens_to_keep} must be >= 1")
+        if amateur_temperature <= 0:
+            raise LcdError(f"amateur_temperature: {amateur_temperature} must be > 0")
+        do_sample = method == "sample" if do_sample is None else do_sample
+        if temperature == 0:
+            do_sample, temperature = False, 1.0
+        exit_layers: tuple[int, ...] = ()
+        if method == "acd":
+            layer = n // 2 if amateur_layer is None else amateur_layer
+            if not 0 <= layer < n:
+                raise LcdError(f"amateur_layer: {layer} outside 0..{n - 1}")
+            exit_layers = (layer,)
+        elif method == "dola":
+            exit_layers = dola_candidates("high" if dola_layers is None else dola_layers, n,
+                                          self.model.config.tie_embeddings)
+        elif method == "cd" and self.amateur is None:
+            raise LcdError("method cd: needs an amateur model (--amateur-model DIR)")
+        if exit_norm is None:
+            exit_norm = method != "dola"
+        return DecodeConfig(method, do_sample, float(temperature), int(top_k), float(top_p),
+                            float(repetition_penalty), float(alpha), int(min_tokens_to_keep), exit_layers,
+                            exit_norm, dola_batch_mode, beta, float(amateur_temperature))
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise LcdError("prompt: empty after tokenization")
+        return ids
+
+    def generate(
+        self, prompts: str | list[str], max_new_tokens: int = 64, seed: int = 0, stop: list[str] | None = None,
+        chat: bool = False, batch_size: int = 8, stream: Callable[[int, str], None] | None = None, **options,
+    ) -> list[Generation]:
+        """Generate for each prompt; `options` are decode_config's (method, temperature, top_p, ...).
+
+        `stream(row, text)` receives each row's new text as it is decoded (rows of the current batch)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if max_new_tokens < 1:
+            raise LcdError(f"max_new_tokens: {max_new_tokens} must be >= 1")
+        if batch_size < 1:
+            raise LcdError(f"batch_size: {batch_size} must be >= 1")
+        dc = self.decode_config(**options)
+        encoded = [self.encode_prompt(p, chat) for p in prompts]
+        for p, ids in zip(prompts, encoded):
+            if len(ids) + max_new_tokens > self.max_seq_len:
+                raise LcdError(f"prompt: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the cache of "
+                               f"{self.max_seq_len} tokens ({p[:40]!r}...)")
+        results = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = encoded[start:start + batch_size]
+            results += self._generate_batch(prompts[start:start + batch_size], chunk, dc, max_new_tokens, seed,
+                                            stop or [], stream, start)
+        return results
+
+    def _generate_batch(self, prompts, encoded, dc, max_new_tokens, seed, stop, stream, offset) -> list[Generation]:
+        decoders = [StreamDecoder(self.tokenizer) for _ in encoded]
+        texts = [""] * len(encoded)
+
+        def on_tokens(ids: list[int], live: list[bool]) -> list[bool]:
+            stops = []
+            for i, tok in enumerate(ids):
+                if live[i] and tok not in self.eos_ids:
+                    piece = decoders[i].push(tok)
+                    texts[i] += piece
+                    if stream is not None and piece:
+                        stream(offset + i, piece)
+                stops.append(any(s in texts[i] for s in stop))
+            return stops
+
+        t0 = time.perf_counter()
+        step = self.compiled_step or decode_step
+        with torch.inference_mode():
+            out, reasons, layers, stats = generate_ids(
+                self.model, encoded, dc, max_new_tokens, self.eos_ids, seed, self.amateur,
+                self._exit_weights(dc.exit_layers), step, on_tokens)
+        seconds = time.perf_counter() - t0
+        results = []
+        for i, ids in enumerate(out):
+            content = [t for t in ids if t not in self.eos_ids]
+            text = self.tokenizer.decode(content)
+            if reasons[i] == "stop":
+                cut = min(text.find(s) for s in stop if s in text)
+                text = text[:cut]
+            results.append(Generation(prompts[i], text, ids, len(encoded[i]), reasons[i], seconds,
+                                      layers[i] if dc.method == "dola" else None, stats))
+        return results
+
+    def score(
+        self, prompts: list[str], continuations: list[str], method: str = "greedy", batch_size: int = 8,
+        amateur_layer: int | None = None, dola_layers: str | list[int] | None = None, alpha: float = 0.1,
+        relative_top: float = 0.1, relative_top_value: float = -1000.0, post_softmax: bool = True,
+        exit_norm: bool | None = None, beta: float | None = None, amateur_temperature: float = 1.0,
+    ) -> list[float]:
+        """Log-likelihood of each continuation after its prompt under a method (see generate.score_ids)."""
+        if len(prompts) != len(continuations):
+            raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+        if method == "sample":
+            method = "greedy"
+        dc = self.decode_config(method, amateur_layer=amateur_layer, dola_layers=dola_layers, alpha=alpha,
+                                exit_norm=exit_norm, beta=beta, amateur_temperature=amateur_temperature)
+        totals = []
+        for start in range(0, len(prompts), batch_size):
+            p_ids = [self.tokenizer.encode(p) for p in prompts[start:start + batch_size]]
+            c_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in continuations[start:start + batch_size]]
+            for p, c in zip(p_ids, c_ids):
+                if len(p) + len(c) > self.max_seq_len:
+                    raise LcdError(f"score: prompt + continuation of {len(p) + len(c)} tokens exceed "
+                                   f"{self.max_seq_len}")
+            totals += score_ids(self.model, p_ids, c_ids, method, dc.exit_layers, dc.exit_norm,
+                                self._exit_weights(dc.exit_layers), alpha, relative_top, relative_top_value,
+                                post_softmax, self.amateur, beta, amateur_temperature)
+        return totals
+
+    @torch.inference_mode()
+    def layer_logits(self, input_ids: Tensor | list[int], layers: list[int] | None = None,
+                     exit_norm: bool = True) -> Tensor:
+        """Early-exit logits [L, B, T, V] (float32) at `layers` (default 0..N); layer N is the model's output."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.model.output.weight.device)
+        ids = ids[None] if ids.dim() == 1 else ids
+        n = self.n_layers
+        layers = list(range(n + 1)) if layers is None else list(layers)
+        for j in layers:
+            if not 0 <= j <= n:
+                raise LcdError(f"layers: {j} outside 0..{n}")
+        B, T = ids.shape
+        if T > self.max_seq_len:
+            raise LcdError(f"input_ids: {T} tokens exceed the cache of {self.max_seq_len}")
+        self.model.setup_caches(B, T)
+        final, exits = self.model(ids, torch.arange(T, device=ids.device),
+                                  torch.zeros(B, dtype=torch.long, device=ids.device), tuple(layers))
+        out = []
+        for k, j in enumerate(layers):
+            if j == n:
+                out.append(self.model.output(final).float())
+            else:
+                w = self._exit_weights((j,))
+                out.append(self.model.output(self.model.exit_hidden(exits[k], exit_norm)).float() if w is None
+                           else (self.model.exit_hidden(exits[k], exit_norm) @ w[0].t()).float())
+        return torch.stack(out)
+
+    def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,
+             exit_norm: bool = True) -> dict:
+        """Top token and its probability at every layer for the last `last` positions of the prompt."""
+        ids = self.encode_prompt(prompt)
+        layers = list(range(self.n_layers + 1)) if layers is None else layers
+        probs = self.layer_logits(ids, layers, exit_norm)[:, 0, -last:].softmax(-1)  # [L, P, V]
+        top_p, top_id = probs.max(-1)
+        tok = self.tokenizer
+        return {"layers": layers,
+                "positions": [tok.decode([t], skip_special_tokens=False) for t in ids[-last:]],
+                "next_of_position": [tok.decode([t], skip_special_tokens=False) for t in ids[-last + 1:]] + [None],
+                "top_tokens": [[tok.decode([t], skip_special_tokens=False) for t in row] for row in top_id.tolist()],
+                "top_probs": top_p.tolist()}
+
+
+def load(path: str | Path | None = None, dtype: str = "float32", device: str = "cpu", compile: bool = False,
+         max_seq_len: int = 4096) -> Engine:
+    """Load a checkpoint directory (default: the bundled SmolLM2-135M-Instruct, converted once)."""
+    if path is None:
+        from .convert import default_model_dir
+        path = default_model_dir()
+    path = Path(path)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LcdError(f"device: '{device}' requested but CUDA is not available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise LcdError(f"device: '{device}' unsupported (expected cpu or cuda)")
+    model = load_model(path, dtype, device)
+    engine = Engine(model, Tokenizer.load(path), path, max_seq_len)
+    if compile:
+        engine.enable_compile()
+    return engine

@@ -1,0 +1,107 @@
+"""The contrast math of DESIGN.md §2-3, one function per formula. All inputs and outputs are float32.
+
+Shapes: B rows, V vocab, L candidate layers. `*_logits` are raw head outputs [.., V].
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def plausible_mask(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int = 1) -> Tensor:
+    """V_head: p_e(x) >= alpha * max p_e, and at least the top `min_tokens_to_keep` tokens. [B, V] bool."""
+    threshold = expert_logp.max(-1, keepdim=True).values + math.log(alpha)
+    kth_best = expert_logp.topk(min_tokens_to_keep, dim=-1).values[..., -1:]
+    return expert_logp >= torch.minimum(threshold, kth_best)
+
+
+def acd_log_probs(
+    expert_logits: Tensor, amateur_logits: Tensor, alpha: float = 0.1, min_tokens_to_keep: int = 1
+) -> Tensor:
+    """ACD (autocontrastive-gen): log q, a full normalized distribution [B, V].
+
+    On V_head, q = softmax_{V_head}(log p_e - log p_a) * p_e(V_head); elsewhere q = p_e.
+    The amateur's normalizer cancels in the softmax, so raw amateur logits suffice on V_head.
+    """
+    expert_logp = expert_logits.log_softmax(-1)
+    mask = plausible_mask(expert_logp, alpha, min_tokens_to_keep)
+    contrast = torch.where(mask, expert_logp - amateur_logits, -math.inf)
+    head_mass = torch.where(mask, expert_logp, -math.inf).logsumexp(-1, keepdim=True)  # log p_e(V_head)
+    return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)
+
+
+def js_divergence(final_logits: Tensor, layer_logits: Tensor) -> Tensor:
+    """DoLa's Jensen-Shannon divergence per layer and row, averaged over the vocabulary. [L, B, V] -> [L, B]."""
+    p_final, p_layer = final_logits.softmax(-1)[None], layer_logits.softmax(-1)
+    mean = 0.5 * (p_final + p_layer)
+    kl_final = F.kl_div(final_logits.log_softmax(-1)[None], mean, reduction="none").mean(-1)
+    kl_layer = F.kl_div(layer_logits.log_softmax(-1), mean, reduction="none").mean(-1)
+    return 0.5 * (kl_final + kl_layer)
+
+
+def dola_select_layer(final_logits: Tensor, layer_logits: Tensor, batch_mode: bool = False) -> Tensor:
+    """Index into the candidate layers of the most distant one, per row [B] (or one for the batch, repeated)."""
+    js = js_divergence(final_logits, layer_logits)  # [L, B]
+    if batch_mode:
+        return js.mean(-1).argmax().expand(js.shape[1])
+    return js.argmax(0)
+
+
+def dola_scores(
+    final_logits: Tensor,
+    premature_logits: Tensor,
+    relative_top: float = 0.1,
+    min_tokens_to_keep: int = 1,
+    masked_value: float = -math.inf,
+) -> Tensor:
+    """DoLa: log p_e - log p_j on V_head, `masked_value` elsewhere (transformers' generate: -inf). [B, V]."""
+    final_logp, premature_logp = final_logits.log_softmax(-1), premature_logits.log_softmax(-1)
+    diff = final_logp - premature_logp
+    if relative_top <= 0:
+        return diff
+    return torch.where(plausible_mask(final_logp, relative_top, min_tokens_to_keep), diff, masked_value)
+
+
+def cd_scores(
+    expert_logits: Tensor,
+    amateur_logits: Tensor,
+    alpha: float = 0.1,
+    beta: float | None = None,
+    amateur_temperature: float = 1.0,
+    min_tokens_to_keep: int = 1,
+) -> Tensor:
+    """Contrastive decoding with a separate amateur model, -inf outside V_head. [B, V].
+
+    Plain (Li et al.): log p_e - log p_a(z_a / tau). Beta form (O'Brien & Lewis): (1 + beta) z_e - beta z_a.
+    """
+    expert_logp = expert_logits.log_softmax(-1)
+    mask = plausible_mask(expert_logp, alpha, min_tokens_to_keep)
+    if beta is None:
+        scores = expert_logp - (amateur_logits / amateur_temperature).log_softmax(-1)
+    else:
+        scores = (1 + beta) * expert_logits - beta * amateur_logits
+    return torch.where(mask, scores, -math.inf)
+
+
+def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """transformers' rule on seen tokens: negative scores times penalty, positive ones divided. seen: [B, V] bool."""
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalized, scores)
+
+
+def sampling_log_probs(scores: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Temperature, then top-k, then top-p (transformers' order), as log-probs with -inf on removed tokens."""
+    scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= 1 - top_p
+        remove_sorted[..., -1] = False  # always keep the best token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        scores = scores.masked_fill(remove, -math.inf)
+    return scores.log_softmax(-1)

@@ -1,0 +1,279 @@
+"""Decoding: prefill, the per-token step (the unit that gets compiled), the generate loop, and scoring.
+
+Shapes: B rows, T prompt tokens (left-padded), V vocab, E head width, C model width, L exit layers.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import contrast
+from .model import Transformer
+
+METHODS = ("greedy", "sample", "acd", "dola", "cd")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Everything that shapes the decode step's graph; torch.compile specializes on these values."""
+
+    method: str = "greedy"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    alpha: float = 0.1  # plausibility (ACD, CD) / DoLa's relative_top
+    min_tokens_to_keep: int = 1
+    exit_layers: tuple[int, ...] = ()  # ACD: (amateur layer,); DoLa: the candidate layers
+    exit_norm: bool = True
+    dola_batch_mode: bool = False
+    beta: float | None = None  # CD's beta form when set
+    amateur_temperature: float = 1.0
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "stop" | "length"
+    seconds: float
+    dola_layers: list[int] | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def exit_logits(model: Transformer, exits: Tensor, use_norm: bool, exit_weights: Tensor | None) -> Tensor:
+    """Early-exit logits for stacked residual streams [L, B, C] -> [L, B, V] in one projection.
+
+    `exit_weights` [L, V, E] are trained per-layer heads; None means the model's own head for all."""
+    hidden = model.exit_hidden(exits, use_norm)  # [L, B, E]
+    if exit_weights is None:
+        return model.output(hidden).float()
+    return torch.einsum("lbe,lve->lbv", hidden, exit_weights).float()
+
+
+def contrast_scores(
+    model: Transformer, final: Tensor, exits: Tensor | None, amateur_final: Tensor | None,
+    amateur_head: Tensor | None, exit_weights: Tensor | None, dc: DecodeConfig,
+) -> tuple[Tensor, Tensor]:
+    """Scores over the vocabulary [B, V] for the method, and DoLa's chosen candidate index [B] (else zeros)."""
+    expert = model.output(final).float()  # [B, V]
+    chosen = torch.zeros(expert.shape[0], dtype=torch.long, device=expert.device)
+    if dc.method in ("greedy", "sample"):
+        return expert, chosen
+    if dc.method == "cd":
+        amateur = (amateur_final @ amateur_head.t()).float()
+        return contrast.cd_scores(expert, amateur, dc.alpha, dc.beta, dc.amateur_temperature,
+                                  dc.min_tokens_to_keep), chosen
+    layers = exit_logits(model, exits, dc.exit_norm, exit_weights)  # [L, B, V]
+    if dc.method == "acd":
+        return contrast.acd_log_probs(expert, layers[0], dc.alpha, dc.min_tokens_to_keep), chosen
+    if len(dc.exit_layers) > 1:
+        chosen = contrast.dola_select_layer(expert, layers, dc.dola_batch_mode)
+    premature = layers.gather(0, chosen[None, :, None].expand(1, *expert.shape))[0]  # [B, V]
+    return contrast.dola_scores(expert, premature, dc.alpha, dc.min_tokens_to_keep), chosen
+
+
+def pick_token(scores: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeConfig) -> Tensor:
+    """Penalties, warpers and the choice: argmax, or Gumbel-max sampling from given uniform noise [B, V]."""
+    if dc.repetition_penalty != 1.0:
+        scores = contrast.apply_repetition_penalty(scores, seen, dc.repetition_penalty)
+    if not dc.do_sample:
+        return scores.argmax(-1)
+    logp = contrast.sampling_log_probs(scores, dc.temperature, dc.top_k, dc.top_p)
+    return (logp - torch.log(-torch.log(uniform))).argmax(-1)
+
+
+def decode_step(
+    model: Transformer, amateur: Transformer | None, exit_weights: Tensor | None, token: Tensor, slot: Tensor,
+    pad: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeConfig,
+) -> tuple[Tensor, Tensor]:
+    """One token for every row: forward through the caches, heads, contrast, penalties, choice.
+
+    token [B, 1], slot [1], pad [B], seen [B, V] -> next token [B], DoLa candidate index [B]."""
+    final, exits = model(token, slot, pad, dc.exit_layers)
+    amateur_final = amateur(token, slot, pad)[0][:, -1] if amateur is not None else None
+    amateur_head = amateur.output.weight if amateur is not None else None
+    scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
+                                     amateur_final, amateur_head, exit_weights, dc)
+    return pick_token(scores, seen, uniform, dc), chosen
+
+
+def prefill(
+    model: Transformer, amateur: Transformer | None, exit_weights: Tensor | None, tokens: Tensor, pad: Tensor,
+    seen: Tensor, uniform: Tensor | None, dc: DecodeConfig,
+) -> tuple[Tensor, Tensor]:
+    """The whole left-padded prompt [B, T] into the caches, and the first new token [B]."""
+    slots = torch.arange(tokens.shape[1], device=tokens.device)
+    final, exits = model(tokens, slots, pad, dc.exit_layers)
+    amateur_final = amateur(tokens, slots, pad)[0][:, -1] if amateur is not None else None
+    amateur_head = amateur.output.weight if amateur is not None else None
+    scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
+                                     amateur_final, amateur_head, exit_weights, dc)
+    return pick_token(scores, seen, uniform, dc), chosen
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Token rows -> [B, T] left-padded tensor and the pad count per row [B]."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+    pad = torch.tensor([width - len(r) for r in rows], dtype=torch.long)
+    return tokens.to(device), pad.to(device)
+
+
+def cache_length(needed: int, limit: int) -> int:
+    """Round the cache up to a multiple of 256 so compiled shapes repeat across calls."""
+    return min(limit, -(-needed // 256) * 256)
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Transformer,
+    prompts: list[list[int]],
+    dc: DecodeConfig,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    seed: int = 0,
+    amateur: Transformer | None = None,
+    exit_weights: Tensor | None = None,
+    step_fn: Callable | None = None,
+    on_tokens: Callable[[list[int], list[bool]], bool] | None = None,
+) -> tuple[list[list[int]], list[str], list[list[int]], dict]:
+    """Decode every prompt together. Returns new ids, finish reasons, DoLa layers per step, and timings.
+
+    `step_fn` replaces `decode_step` (the compiled version); `on_tokens(tokens, live)` sees each step's
+    tokens on the host and returns True to stop a row early (stop strings) — it is called once per step."""
+    device = model.output.weight.device
+    B, V = len(prompts), model.config.vocab_size
+    tokens, pad = left_pad(prompts, model.config.pad_token_id or 0, device)
+    T = tokens.shape[1]
+    S = cache_length(T + max_new_tokens, model.max_seq_len if model.max_seq_len > 0 else 1 << 30)
+    for m in (model, amateur):
+        if m is not None:
+            m.setup_caches(B, S)
+    seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+    for i, row in enumerate(prompts):
+        seen[i, row] = True
+    generators = [torch.Generator().manual_seed(seed) for _ in range(B)] if dc.do_sample else []
+
+    def noise() -> Tensor | None:
+        if not generators:
+            return None
+        return torch.stack([torch.rand(V, generator=g) for g in generators]).to(device)
+
+    step_fn = step_fn or decode_step
+    out = [[] for _ in range(B)]
+    layers = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    live = [True] * B
+    t0 = time.perf_counter()
+    token, chosen = prefill(model, amateur, exit_weights, tokens, pad, seen, noise(), dc)
+    t_prefill = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    steps = 0
+    for step in range(max_new_tokens):
+        ids, picks = token.tolist(), chosen.tolist()  # the one host sync per token
+        for i in range(B):
+            if not live[i]:
+                continue
+            out[i].append(ids[i])
+            layers[i].append(dc.exit_layers[picks[i]] if dc.method == "dola" else -1)
+            if ids[i] in eos_ids:
+                live[i], reasons[i] = False, "eos"
+        if on_tokens is not None:
+            for i, stop in enumerate(on_tokens(ids, live)):
+                if stop and live[i]:
+                    live[i], reasons[i] = False, "stop"
+        steps += 1
+        if not any(live) or step == max_new_tokens - 1:
+            break
+        seen[torch.arange(B, device=device), token] = True
+        slot = torch.tensor([T + step], device=device)
+        token, chosen = step_fn(model, amateur, exit_weights, token[:, None], slot, pad, seen, noise(), dc)
+    t_decode = time.perf_counter() - t1
+    stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": steps - 1,
+             "prompt_tokens": T, "batch": B}
+    return out, reasons, layers, stats
+
+
+@torch.inference_mode()
+def score_ids(
+    model: Transformer,
+    prompts: list[list[int]],
+    continuations: list[list[int]],
+    method: str = "greedy",
+    exit_layers: tuple[int, ...] = (),
+    exit_norm: bool = True,
+    exit_weights: Tensor | None = None,
+    alpha: float = 0.1,
+    relative_top: float = 0.1,
+    relative_top_value: float = -1000.0,
+    post_softmax: bool = True,
+    amateur: Transformer | None = None,
+    beta: float | None = None,
+    amateur_temperature: float = 1.0,
+) -> list[float]:
+    """Sum over each continuation's tokens of the method's log-score, after its prompt (one batch).
+
+    greedy: log p_e. acd: log q. dola: DoLa's released scoring — per position the JS-chosen layer,
+    log p_e - log p_j, then log_softmax if `post_softmax`, then `relative_top_value` outside the
+    relative-top set if `relative_top` > 0. cd: the same recipe with the amateur model's log-probs."""
+    device = model.output.weight.device
+    rows = [p + c for p, c in zip(prompts, continuations)]
+    tokens, pad = left_pad(rows, model.config.pad_token_id or 0, device)
+    B, T = tokens.shape
+    width = max(len(c) for c in continuations)  # the last `width` predictions cover every continuation
+    for m in (model, amateur):
+        if m is not None:
+            m.setup_caches(B, T)
+    slots = torch.arange(T, device=device)
+    final, exits = model(tokens, slots, pad, exit_layers)
+    final = final[:, T - width - 1:T - 1].reshape(B * width, -1)  # [B*W, E]
+    expert = model.output(final).float()
+    if method == "greedy":
+        scores = expert.log_softmax(-1)
+    elif method == "acd":
+        amateur_logits = exit_logits(model, exits[:, :, T - width - 1:T - 1].reshape(1, B * width, -1),
+                                     exit_norm, exit_weights)[0]
+        scores = contrast.acd_log_probs(expert, amateur_logits, alpha)
+    else:
+        if method == "dola":
+            hidden = exits[:, :, T - width - 1:T - 1].reshape(len(exit_layers), B * width, -1)
+            layers = exit_logits(model, hidden, exit_norm, exit_weights)  # [L, B*W, V]
+            chosen = contrast.dola_select_layer(expert, layers) if len(exit_layers) > 1 else \
+                torch.zeros(B * width, dtype=torch.long, device=device)
+            base = layers.gather(0, chosen[None, :, None].expand(1, *expert.shape))[0]
+            base = base.log_softmax(-1)
+        else:
+            amateur_final = amateur(tokens, slots, pad)[0][:, T - width - 1:T - 1].reshape(B * width, -1)
+            amateur_logits = amateur.output(amateur_final).float()
+            base = (amateur_logits / amateur_temperature).log_softmax(-1)
+        expert_logp = expert.log_softmax(-1)
+        if method == "cd" and beta is not None:
+            scores = (1 + beta) * expert - beta * amateur_logits
+        else:
+            scores = expert_logp - base
+        if post_softmax:
+            scores = scores.log_softmax(-1)
+        if relative_top > 0:
+            keep = contrast.plausible_mask(expert_logp, relative_top)
+            scores = torch.where(keep, scores, relative_top_value)
+    scores = scores.view(B, width, -1)
+    totals = []
+    for i, cont in enumerate(continuations):
+        idx = torch.tensor(cont, device=device)
+        row = scores[i, width - len(cont):]
+        totals.append(row.gather(-1, idx[:, None]).sum().item() if len(cont) else 0.0)
+    return totals
+

@@ -1,0 +1,150 @@
+"""ACD, DoLa and CD: against float64 re-derivations, transformers' DoLa, and direct two-model computation."""
+
+import math
+
+import pytest
+import torch
+from conftest import VOCAB
+
+from lcdfast.api import dola_candidates
+from lcdfast.checkpoint import load_model
+from lcdfast.contrast import acd_log_probs, cd_scores, plausible_mask
+from lcdfast.generate import DecodeConfig, generate_ids, score_ids
+from test_models import first_diff
+
+
+def acd_reference(expert: torch.Tensor, amateur: torch.Tensor, alpha: float, keep: int) -> torch.Tensor:
+    """autocontrastive-gen's formula re-derived in float64, one row at a time, with plain Python loops."""
+    out = torch.empty_like(expert, dtype=torch.float64)
+    for r in range(expert.shape[0]):
+        pe = expert[r].double().softmax(-1)
+        pa = amateur[r].double().softmax(-1)
+        order = sorted(range(len(pe)), key=lambda i: -pe[i].item())
+        threshold = min(alpha * pe.max().item(), pe[order[keep - 1]].item())
+        head = [i for i in range(len(pe)) if pe[i].item() >= threshold]
+        s = {i: math.log(pe[i].item()) - math.log(pa[i].item()) for i in head}
+        z = max(s.values())
+        denom = sum(math.exp(v - z) for v in s.values())
+        mass = sum(pe[i].item() for i in head)
+        for i in range(len(pe)):
+            q = math.exp(s[i] - z) / denom * mass if i in s else pe[i].item()
+            out[r, i] = math.log(q)
+    return out
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat", "ties", "alpha1", "keep5"])
+def test_acd_matches_float64_reference(case):
+    torch.manual_seed(0)
+    V, alpha, keep = 600, 0.1, 1
+    expert, amateur = torch.randn(3, V) * 4, torch.randn(3, V) * 4
+    if case == "flat":  # hundreds of plausible tokens
+        expert = torch.randn(3, V) * 0.3
+    elif case == "ties":
+        expert = torch.randint(0, 4, (3, V)).float()
+        amateur[:, :10] = amateur[:, 10:20]
+    elif case == "alpha1":
+        alpha = 1.0
+    elif case == "keep5":
+        alpha, keep = 1.0, 5
+    ours = acd_log_probs(expert, amateur, alpha, keep)
+    ref = acd_reference(expert, amateur, alpha, keep)
+    head = plausible_mask(expert.log_softmax(-1), alpha, keep)
+    if case == "flat":
+        assert head.sum(-1).min() > 200
+    assert torch.allclose(ours.double(), ref, atol=1e-5), (ours.double() - ref).abs().max()
+    assert torch.allclose(ours.exp().sum(-1), torch.ones(3), atol=1e-5)  # a normalized distribution
+
+
+def test_plausible_mask_keeps_min_tokens():
+    logp = torch.tensor([[0.0, -1.0, -5.0, -9.0]]).log_softmax(-1)
+    assert plausible_mask(logp, 0.1).tolist() == [[True, True, False, False]]
+    assert plausible_mask(logp, 1.0, 3).tolist() == [[True, True, True, False]]
+
+
+@pytest.mark.parametrize("kind,layers", [("llama-untied", "low"), ("llama-untied", "high"),
+                                         ("llama-untied", [1, 2, 4]), ("gpt2", "low"), ("gpt2", "high"),
+                                         ("gpt2", [0, 2, 3, 4]), ("llama-tied-gqa", [1, 3])])
+def test_dola_greedy_matches_transformers(kind, layers, tiny_dir):
+    path, hf = tiny_dir(kind)
+    model = load_model(path)
+    candidates = dola_candidates(layers, model.config.n_layers, model.config.tie_embeddings)
+    dc = DecodeConfig(method="dola", exit_layers=candidates, exit_norm=False, repetition_penalty=1.2,
+                      dola_batch_mode=True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        prompt = torch.randint(3, VOCAB, (1, 6))
+        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
+                          dola_layers=layers, repetition_penalty=1.2, eos_token_id=None,
+                          pad_token_id=0)[0, 6:].tolist()
+        out, _, chosen, _ = generate_ids(model, [prompt[0].tolist()], dc, 32, [])
+        assert out[0] == ref, f"{kind} {layers} seed {seed}: " + first_diff(out[0], ref)
+        assert set(chosen[0]) <= set(candidates)
+
+
+def test_dola_candidate_buckets():
+    assert dola_candidates("low", 30, True) == (2, 4, 6, 8, 10, 12, 14)
+    assert dola_candidates("high", 30, True) == (15, 17, 19, 21, 23, 25, 27, 29)
+    assert dola_candidates("low", 48, False) == tuple(range(0, 20, 2))
+    assert dola_candidates("high", 48, False) == tuple(range(28, 48, 2))
+    assert dola_candidates("low", 4, True) == (2,)
+    assert dola_candidates("low", 2, True) == (1,)
+    assert dola_candidates("3,5,99", 30, True) == (3, 5)
+
+
+def test_cd_matches_direct_computation(tiny_dir):
+    expert_path, expert_hf = tiny_dir("llama-tied-gqa")
+    amateur_path, amateur_hf = tiny_dir("llama-amateur")
+    expert, amateur = load_model(expert_path), load_model(amateur_path)
+    torch.manual_seed(5)
+    prompt = torch.randint(3, VOCAB, (8,)).tolist()
+    for beta, tau in [(None, 1.0), (None, 0.5), (0.5, 1.0)]:
+        dc = DecodeConfig(method="cd", alpha=0.1, beta=beta, amateur_temperature=tau)
+        out, _, _, _ = generate_ids(expert, [prompt], dc, 12, [], amateur=amateur)
+        seq = list(prompt)
+        for _ in range(12):  # direct: full forward of both transformers models on the whole sequence
+            ids = torch.tensor([seq])
+            with torch.no_grad():
+                ze, za = expert_hf(ids).logits[0, -1], amateur_hf(ids).logits[0, -1]
+            mask = ze.log_softmax(-1) >= ze.log_softmax(-1).max() + math.log(0.1)
+            s = ze.log_softmax(-1) - (za / tau).log_softmax(-1) if beta is None else (1 + beta) * ze - beta * za
+            seq.append(int(torch.where(mask, s, -math.inf).argmax()))
+        assert out[0] == seq[len(prompt):], f"beta={beta} tau={tau}: " + first_diff(out[0], seq[len(prompt):])
+        ours = cd_scores(ze[None], za[None], 0.1, beta, tau)[0]
+        assert torch.equal(torch.isinf(ours), ~mask)
+
+
+@pytest.mark.parametrize("dc", [
+    DecodeConfig(method="acd", exit_layers=(2,)),
+    DecodeConfig(method="acd", exit_layers=(1,), do_sample=True, temperature=0.8, top_p=0.9),
+    DecodeConfig(method="dola", exit_layers=(0, 2, 4), exit_norm=False, repetition_penalty=1.2),
+    DecodeConfig(method="cd", beta=0.5),
+])
+def test_batched_contrast_equals_one_by_one(dc, tiny_dir):
+    path, _ = tiny_dir("llama-untied")
+    model = load_model(path)
+    amateur = load_model(tiny_dir("llama-amateur")[0]) if dc.method == "cd" else None
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    batched, _, layers_b, _ = generate_ids(model, prompts, dc, 20, [], seed=3, amateur=amateur)
+    for i, p in enumerate(prompts):
+        alone, _, layers_a, _ = generate_ids(model, [p], dc, 20, [], seed=3, amateur=amateur)
+        assert batched[i] == alone[0], f"row {i}: " + first_diff(batched[i], alone[0])
+        assert layers_b[i] == layers_a[0]
+
+
+def test_scores_are_log_likelihoods(tiny_dir):
+    path, hf = tiny_dir("llama-untied")
+    model = load_model(path)
+    prompts, conts = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
+    totals = score_ids(model, prompts, conts, "greedy")
+    for p, c, total in zip(prompts, conts, totals):
+        with torch.no_grad():
+            logp = hf(torch.tensor([p + c])).logits[0].log_softmax(-1)
+        ref = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(c))
+        assert abs(total - ref) < 1e-4
+    acd = score_ids(model, prompts, conts, "acd", exit_layers=(3,))
+    batch_one = [score_ids(model, [p], [c], "acd", exit_layers=(3,))[0] for p, c in zip(prompts, conts)]
+    assert all(abs(a - b) < 1e-4 for a, b in zip(acd, batch_one))
+    dola = score_ids(model, prompts, conts, "dola", exit_layers=(0, 2), exit_norm=False, relative_top=0.0,
+                     post_softmax=False)
+    assert all(math.isfinite(x) for x in dola)

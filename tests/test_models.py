@@ -1,0 +1,114 @@
+"""Every family against transformers on the same random weights: hidden states, logits, greedy tokens."""
+
+import pytest
+import torch
+from conftest import TINY, VOCAB, build_tiny
+
+from lcdfast.checkpoint import load_model
+from lcdfast.contrast import sampling_log_probs
+from lcdfast.generate import DecodeConfig, generate_ids
+
+
+def first_diff(a: list[int], b: list[int]) -> str:
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"first difference at position {i}: {a[i:i + 4]} vs {b[i:i + 4]}"
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_hidden_states_and_logits_match_transformers(kind, tiny_dir):
+    path, hf = tiny_dir(kind)
+    model = load_model(path)
+    n = model.config.n_layers
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 13))
+    model.setup_caches(2, 32)
+    final, hidden = model(ids, torch.arange(13), torch.zeros(2, dtype=torch.long), tuple(range(n + 1)))
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+    for i in range(n):  # transformers' hidden_states[N] is after the final norm: compared as `final`
+        err = (hidden[i] - ref.hidden_states[i]).abs().max().item()
+        assert err < 1e-4, f"{kind}: hidden state {i} differs by {err}"
+    assert (final - ref.hidden_states[n]).abs().max().item() < 1e-4, f"{kind}: final hidden state"
+    err = (model.output(final) - ref.logits).abs().max().item()
+    assert err < 1e-4, f"{kind}: logits differ by {err}"
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_tokens_match_transformers(kind, penalty, tiny_dir):
+    path, hf = tiny_dir(kind)
+    model = load_model(path)
+    torch.manual_seed(2)
+    prompt = torch.randint(3, VOCAB, (1, 7))
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
+                      repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)[0, 7:].tolist()
+    out, _, _, _ = generate_ids(model, [prompt[0].tolist()], DecodeConfig(repetition_penalty=penalty), 32, [])
+    assert out[0] == ref, first_diff(out[0], ref)
+
+
+@pytest.mark.parametrize("kind", ["llama-tied-gqa", "gpt2", "opt-350m-style"])
+@pytest.mark.parametrize("dc", [DecodeConfig(), DecodeConfig(repetition_penalty=1.2),
+                                DecodeConfig(method="sample", do_sample=True, temperature=0.9, top_k=40, top_p=0.9)])
+def test_batched_equals_one_by_one(kind, dc, tiny_dir):
+    path, _ = tiny_dir(kind)
+    model = load_model(path)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 11, 2, 8)]
+    batched, _, _, _ = generate_ids(model, prompts, dc, 24, [], seed=7)
+    for i, p in enumerate(prompts):
+        alone, _, _, _ = generate_ids(model, [p], dc, 24, [], seed=7)
+        assert batched[i] == alone[0], f"row {i}: " + first_diff(batched[i], alone[0])
+
+
+def test_eos_stops_a_row_but_not_the_batch(tiny_dir):
+    path, _ = tiny_dir("llama-tied-gqa")
+    model = load_model(path)
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    free, _, _, _ = generate_ids(model, prompts, DecodeConfig(), 16, [])
+    eos = free[0][3]
+    out, reasons, _, _ = generate_ids(model, prompts, DecodeConfig(), 16, [eos])
+    assert out[0] == free[0][:free[0].index(eos) + 1] and reasons[0] == "eos"
+    if eos not in free[1]:
+        assert out[1] == free[1] and reasons[1] == "length"
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = build_tiny("llama-untied", tmp_path / "whole")
+    hf.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    whole, sharded = load_model(tmp_path / "whole"), load_model(tmp_path / "sharded")
+    for (name, a), b in zip(whole.state_dict().items(), sharded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_close_to_float32(dtype, tiny_dir):
+    path, _ = tiny_dir("llama-tied-gqa")
+    ref, low = load_model(path), load_model(path, dtype)
+    ids = torch.randint(3, VOCAB, (1, 9))
+    outs = []
+    for m in (ref, low):
+        m.setup_caches(1, 16)
+        outs.append(m.output(m(ids, torch.arange(9), torch.zeros(1, dtype=torch.long))[0]).float())
+    assert low.output.weight.dtype == getattr(torch, dtype)
+    assert (outs[0] - outs[1]).abs().max() < 0.1 * outs[0].abs().max()
+
+
+def test_sampling_warpers_match_transformers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(4)
+    scores = torch.randn(3, 100) * 3
+    for temperature, k, p in [(0.7, 10, 1.0), (1.0, 0, 0.8), (1.3, 20, 0.5), (1.0, 0, 1.0)]:
+        ref = TemperatureLogitsWarper(temperature)(None, scores.clone())
+        if k:
+            ref = TopKLogitsWarper(k)(None, ref)
+        if p < 1:
+            ref = TopPLogitsWarper(p)(None, ref)
+        ours = sampling_log_probs(scores, temperature, k, p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        assert torch.allclose(ours.exp(), ref.softmax(-1), atol=1e-6)
