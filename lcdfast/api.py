@@ -42,7 +42,9 @@ def dola_candidates(dola_layers: str | list[int] | tuple[int, ...], n_layers: in
 
 
 def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
-    """Trained per-layer exit heads from safetensors: keys `...lm_head_<i>.weight`, each [V, E]."""
+    """Trained per-layer exit heads from safetensors: keys `...lm_head_<i>.weight`, each [V, E].
+
+    Returned transposed to [E, V], the layout of the model's own head."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, FileNotFoundError) as e:
@@ -56,9 +58,9 @@ def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
         layer = int(m.group(1))
         if not 0 <= layer <= cfg.n_layers:
             raise LcdError(f"{path}: head '{key}' is for layer {layer}, model has layers 0..{cfg.n_layers}")
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise LcdError(f"{path}: head '{key}' has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}")
-        heads[layer] = tensor.to(dtype=ref.dtype, device=ref.device)
+        if tuple(tensor.shape) != tuple(ref.t().shape):
+            raise LcdError(f"{path}: head '{key}' has shape {tuple(tensor.shape)}, expected {tuple(ref.t().shape)}")
+        heads[layer] = tensor.t().to(dtype=ref.dtype, device=ref.device).contiguous()
     if not heads:
         raise LcdError(f"{path}: no tensors named 'lm_head_<layer>.weight'")
     return heads
@@ -262,8 +264,8 @@ class Engine:
                 out.append(self.model.output(final).float())
             else:
                 w = self._exit_weights((j,))
-                out.append(self.model.output(self.model.exit_hidden(exits[k], exit_norm)).float() if w is None
-                           else (self.model.exit_hidden(exits[k], exit_norm) @ w[0].t()).float())
+                hidden = self.model.exit_hidden(exits[k], exit_norm)
+                out.append((self.model.output(hidden) if w is None else hidden @ w[0]).float())
         return torch.stack(out)
 
     def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,

@@ -116,7 +116,8 @@ def read_config(model_dir: str | Path) -> ModelConfig:
         raise LcdError(f"{path}: bad value ({e})") from None
 
 
-# Per family: our parameter name -> (checkpoint names concatenated along dim 0, transpose Conv1D).
+# Per family: our parameter name -> (checkpoint names concatenated along dim 0, is an nn.Linear weight).
+# nn.Linear weights [out, in] are transposed to our [in, out]; GPT-2's Conv1D weights already are [in, out].
 def gpt2_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
     names = {"tok_embeddings.weight": (["wte.weight"], False), "pos_embeddings.weight": (["wpe.weight"], False)}
     for i in range(cfg.n_layers):
@@ -124,10 +125,10 @@ def gpt2_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
         for part in ("weight", "bias"):
             names[ours + f"attention_norm.{part}"] = ([hf + f"ln_1.{part}"], False)
             names[ours + f"ffn_norm.{part}"] = ([hf + f"ln_2.{part}"], False)
-            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attn.c_attn.{part}"], part == "weight")
-            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.c_proj.{part}"], part == "weight")
-            names[ours + f"feed_forward.w1.{part}"] = ([hf + f"mlp.c_fc.{part}"], part == "weight")
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], part == "weight")
+            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attn.c_attn.{part}"], False)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.c_proj.{part}"], False)
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], False)
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], False)
     names["norm.weight"], names["norm.bias"] = (["ln_f.weight"], False), (["ln_f.bias"], False)
     return names
 
@@ -136,8 +137,8 @@ def opt_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
     names = {"tok_embeddings.weight": (["embed_tokens.weight"], False),
              "pos_embeddings.weight": (["embed_positions.weight"], False)}
     if cfg.embed_dim != cfg.dim:
-        names["project_in.weight"] = (["project_in.weight"], False)
-        names["project_out.weight"] = (["project_out.weight"], False)
+        names["project_in.weight"] = (["project_in.weight"], True)
+        names["project_out.weight"] = (["project_out.weight"], True)
     parts = ("weight", "bias")
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"layers.{i}."
@@ -146,11 +147,11 @@ def opt_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
             names[ours + f"ffn_norm.{part}"] = ([hf + f"final_layer_norm.{part}"], False)
         for part in parts if cfg.attn_bias else parts[:1]:
             qkv = [hf + f"self_attn.{p}_proj.{part}" for p in "qkv"]
-            names[ours + f"attention.wqkv.{part}"] = (qkv, False)
-            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.out_proj.{part}"], False)
+            names[ours + f"attention.wqkv.{part}"] = (qkv, part == "weight")
+            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.out_proj.{part}"], part == "weight")
         for part in parts if cfg.mlp_bias else parts[:1]:
-            names[ours + f"feed_forward.w1.{part}"] = ([hf + f"fc1.{part}"], False)
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"fc2.{part}"], False)
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"fc1.{part}"], part == "weight")
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"fc2.{part}"], part == "weight")
     if cfg.final_norm:
         names["norm.weight"], names["norm.bias"] = (["final_layer_norm.weight"], False), (["final_layer_norm.bias"], False)
     return names
@@ -163,11 +164,13 @@ def llama_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
         names[ours + "attention_norm.weight"] = ([hf + "input_layernorm.weight"], False)
         names[ours + "ffn_norm.weight"] = ([hf + "post_attention_layernorm.weight"], False)
         for part in ("weight", "bias") if cfg.attn_bias else ("weight",):
-            names[ours + f"attention.wqkv.{part}"] = ([hf + f"self_attn.{p}_proj.{part}" for p in "qkv"], False)
-            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.o_proj.{part}"], False)
+            qkv = [hf + f"self_attn.{p}_proj.{part}" for p in "qkv"]
+            names[ours + f"attention.wqkv.{part}"] = (qkv, part == "weight")
+            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.o_proj.{part}"], part == "weight")
         for part in ("weight", "bias") if cfg.mlp_bias else ("weight",):
-            for ours_w, hf_w in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
-                names[ours + f"feed_forward.{ours_w}.{part}"] = ([hf + f"mlp.{hf_w}.{part}"], False)
+            gate_up = [hf + f"mlp.gate_proj.{part}", hf + f"mlp.up_proj.{part}"]
+            names[ours + f"feed_forward.w13.{part}"] = (gate_up, part == "weight")
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.down_proj.{part}"], part == "weight")
     return names
 
 
@@ -219,7 +222,7 @@ def load_model(
         model = Transformer(cfg)
     expected = model.state_dict()
     state = {}
-    for ours, (hf_names, transpose) in NAME_TABLES[cfg.family](cfg).items():
+    for ours, (hf_names, linear) in NAME_TABLES[cfg.family](cfg).items():
         parts = []
         for hf_name in hf_names:
             key = prefix + hf_name
@@ -230,26 +233,25 @@ def load_model(
                 tensor = handle.get_tensor(key)
             except (SafetensorError, OSError) as e:
                 raise LcdError(f"{path}: cannot read tensor '{key}' ({e})") from None
-            parts.append(tensor.t() if transpose else tensor)
+            parts.append(tensor)
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+        tensor = tensor.t() if linear else tensor
         if tensor.shape != expected[ours].shape:
-            raise LcdError(
-                f"{model_dir}: tensor '{prefix + hf_names[0]}' has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(expected[ours].shape)} from config.json"
-            )
+            seen, want = (tensor.t(), expected[ours].t()) if linear else (tensor, expected[ours])
+            raise LcdError(f"{model_dir}: tensor '{prefix + hf_names[0]}' has shape {tuple(seen.shape)}, "
+                           f"expected {tuple(want.shape)} from config.json")
         state[ours] = tensor.to(device=device, dtype=dtype).contiguous()
     head = "lm_head.weight"
-    if cfg.tie_embeddings or head not in tensors:
-        if not cfg.tie_embeddings:
-            raise LcdError(f"{model_dir}: missing tensor '{head}' (config says tie_word_embeddings=false)")
-        state["output.weight"] = state["tok_embeddings.weight"]
+    if cfg.tie_embeddings:  # one storage: the head [E, V], the embedding table its transposed view
+        state["output.weight"] = state["tok_embeddings.weight"].t().contiguous()
+        state["tok_embeddings.weight"] = state["output.weight"].t()
+    elif head not in tensors:
+        raise LcdError(f"{model_dir}: missing tensor '{head}' (config says tie_word_embeddings=false)")
     else:
-        weight = tensors[head][1].get_tensor(head)
+        weight = tensors[head][1].get_tensor(head).t()
         if weight.shape != expected["output.weight"].shape:
-            raise LcdError(f"{model_dir}: tensor '{head}' has shape {tuple(weight.shape)}, "
-                           f"expected {tuple(expected['output.weight'].shape)}")
+            raise LcdError(f"{model_dir}: tensor '{head}' has shape {tuple(weight.t().shape)}, "
+                           f"expected {tuple(expected['output.weight'].t().shape)}")
         state["output.weight"] = weight.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
     return model.eval().requires_grad_(False)

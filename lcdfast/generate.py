@@ -54,16 +54,16 @@ class Generation:
 def exit_logits(model: Transformer, exits: Tensor, use_norm: bool, exit_weights: Tensor | None) -> Tensor:
     """Early-exit logits for stacked residual streams [L, B, C] -> [L, B, V] in one projection.
 
-    `exit_weights` [L, V, E] are trained per-layer heads; None means the model's own head for all."""
+    `exit_weights` [L, E, V] are trained per-layer heads; None means the model's own head for all."""
     hidden = model.exit_hidden(exits, use_norm)  # [L, B, E]
     if exit_weights is None:
         return model.output(hidden).float()
-    return torch.einsum("lbe,lve->lbv", hidden, exit_weights).float()
+    return torch.bmm(hidden, exit_weights).float()
 
 
 def contrast_scores(
-    model: Transformer, final: Tensor, exits: Tensor | None, amateur_final: Tensor | None,
-    amateur_head: Tensor | None, exit_weights: Tensor | None, dc: DecodeConfig,
+    model: Transformer, final: Tensor, exits: Tensor | None, amateur_logits: Tensor | None,
+    exit_weights: Tensor | None, dc: DecodeConfig,
 ) -> tuple[Tensor, Tensor]:
     """Scores over the vocabulary [B, V] for the method, and DoLa's chosen candidate index [B] (else zeros)."""
     expert = model.output(final).float()  # [B, V]
@@ -71,8 +71,7 @@ def contrast_scores(
     if dc.method in ("greedy", "sample"):
         return expert, chosen
     if dc.method == "cd":
-        amateur = (amateur_final @ amateur_head.t()).float()
-        return contrast.cd_scores(expert, amateur, dc.alpha, dc.beta, dc.amateur_temperature,
+        return contrast.cd_scores(expert, amateur_logits.float(), dc.alpha, dc.beta, dc.amateur_temperature,
                                   dc.min_tokens_to_keep), chosen
     layers = exit_logits(model, exits, dc.exit_norm, exit_weights)  # [L, B, V]
     if dc.method == "acd":
@@ -101,10 +100,9 @@ def decode_step(
 
     token [B, 1], slot [1], pad [B], seen [B, V] -> next token [B], DoLa candidate index [B]."""
     final, exits = model(token, slot, pad, dc.exit_layers)
-    amateur_final = amateur(token, slot, pad)[0][:, -1] if amateur is not None else None
-    amateur_head = amateur.output.weight if amateur is not None else None
+    amateur_logits = amateur.output(amateur(token, slot, pad)[0][:, -1]) if amateur is not None else None
     scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
-                                     amateur_final, amateur_head, exit_weights, dc)
+                                     amateur_logits, exit_weights, dc)
     return pick_token(scores, seen, uniform, dc), chosen
 
 
@@ -115,10 +113,9 @@ def prefill(
     """The whole left-padded prompt [B, T] into the caches, and the first new token [B]."""
     slots = torch.arange(tokens.shape[1], device=tokens.device)
     final, exits = model(tokens, slots, pad, dc.exit_layers)
-    amateur_final = amateur(tokens, slots, pad)[0][:, -1] if amateur is not None else None
-    amateur_head = amateur.output.weight if amateur is not None else None
+    amateur_logits = amateur.output(amateur(tokens, slots, pad)[0][:, -1]) if amateur is not None else None
     scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
-                                     amateur_final, amateur_head, exit_weights, dc)
+                                     amateur_logits, exit_weights, dc)
     return pick_token(scores, seen, uniform, dc), chosen
 
 

@@ -112,13 +112,27 @@ class RMSNorm(nn.Module):
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+class Linear(nn.Module):
+    """y = x @ weight + bias, with weight stored [in, out]: CPU BLAS runs the batch-1 decode products
+    about 1.4x faster in this layout than in nn.Linear's [out, in]; CUDA is indifferent."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))
+        self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, qkv_width, bias=cfg.attn_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_bias)
+        self.wqkv = Linear(cfg.dim, qkv_width, bias=cfg.attn_bias)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor, slots: Tensor) -> Tensor:
@@ -138,16 +152,16 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.act = ACTIVATIONS[cfg.activation]
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)  # gate / fc1
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)  # down / fc2
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias) if cfg.gated_mlp else None  # up
+        self.act, self.gated = ACTIVATIONS[cfg.activation], cfg.gated_mlp
+        # w13: gate and up side by side when gated (one product), else fc1; w2: down / fc2
+        self.w13 = Linear(cfg.dim, cfg.hidden_dim * (2 if cfg.gated_mlp else 1), bias=cfg.mlp_bias)
+        self.w2 = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.w1(x))
-        if self.w3 is not None:
-            h = h * self.w3(x)
-        return self.w2(h)
+        if not self.gated:
+            return self.w2(self.act(self.w13(x)))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, hidden] each
+        return self.w2(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -175,11 +189,11 @@ class Transformer(nn.Module):
         self.pos_embeddings = (
             nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.dim) if cfg.positions == "learned" else None
         )
-        self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
-        self.project_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.project_in = Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.project_out = Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.dim) if cfg.final_norm else nn.Identity()
-        self.output = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
         self.max_batch = self.max_seq_len = -1
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:

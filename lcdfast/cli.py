@@ -1,0 +1,184 @@
+"""`lcdfast` command line: parses, validates, calls the library, prints. Errors: one line, exit code 2."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import LcdError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the decode step with torch.compile (CUDA graphs on a GPU)")
+    p.add_argument("--exit-heads", default=None, help="safetensors file of trained per-layer exit heads")
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="greedy", help="greedy | sample | acd | dola | cd")
+    p.add_argument("--amateur-layer", type=int, default=None, help="ACD amateur layer (default N // 2)")
+    p.add_argument("--dola-layers", default=None, help="DoLa candidates: low | high | i,j,k (default high)")
+    p.add_argument("--dola-batch-mode", action="store_true", help="one DoLa layer for the whole batch")
+    p.add_argument("--alpha", type=float, default=0.1, help="plausibility threshold (relative to the top token)")
+    p.add_argument("--beta", type=float, default=None, help="CD's beta form: (1+beta) z_e - beta z_a")
+    p.add_argument("--amateur-model", default=None, help="CD's amateur checkpoint directory")
+    p.add_argument("--amateur-temperature", type=float, default=1.0)
+    p.add_argument("--exit-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the final norm before early-exit heads (default: ACD yes, DoLa no)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcdfast", description="Fast layer-contrastive decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text")
+    g.add_argument("prompt", nargs="+")
+    add_model_args(g)
+    add_method_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--do-sample", action="store_true", help="sample from the method's distribution")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+
+    lens = sub.add_parser("lens", help="top token and probability at every layer (logit lens)")
+    lens.add_argument("prompt")
+    add_model_args(lens)
+    lens.add_argument("--last", type=int, default=6, help="how many final positions to show")
+    lens.add_argument("--exit-norm", action=argparse.BooleanOptionalAction, default=True)
+    lens.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("convert", help="GGUF file -> checkpoint directory")
+    c.add_argument("gguf")
+    c.add_argument("out_dir")
+
+    b = sub.add_parser("bench", help="speed against transformers (needs a source checkout: bench/)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+
+    e = sub.add_parser("eval", help="evaluation: open-ended | truthfulqa | factor")
+    e.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def load_engine(args):
+    from .api import load
+
+    engine = load(args.model, dtype=args.dtype, device=args.device)
+    if getattr(args, "exit_heads", None):
+        engine.set_exit_heads(args.exit_heads)
+    if getattr(args, "amateur_model", None):
+        engine.set_amateur(args.amateur_model)
+    if args.compile:
+        engine.enable_compile()
+    return engine
+
+
+def cmd_generate(args) -> None:
+    engine = load_engine(args)
+    options = dict(method=args.method, do_sample=True if args.do_sample else None, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   amateur_layer=args.amateur_layer, dola_layers=args.dola_layers,
+                   dola_batch_mode=args.dola_batch_mode, alpha=args.alpha, beta=args.beta,
+                   amateur_temperature=args.amateur_temperature, exit_norm=args.exit_norm)
+    engine.decode_config(**options)  # validate before any work
+    streaming = not args.json and len(args.prompt) == 1
+    stream = (lambda row, text: print(text, end="", flush=True)) if streaming else None
+    if streaming:
+        print(args.prompt[0], end="", flush=True)
+    results = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                              chat=args.chat, batch_size=args.batch_size, stream=stream, **options)
+    for r in results:
+        if args.json:
+            record = {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "new_tokens": r.new_tokens,
+                      "prompt_tokens": r.prompt_tokens, "finish_reason": r.finish_reason,
+                      "seconds": round(r.seconds, 4), "method": args.method}
+            if r.dola_layers is not None:
+                record["dola_layers"] = r.dola_layers
+            print(json.dumps(record, ensure_ascii=False))
+        elif streaming:
+            print()
+        else:
+            print(f"{r.prompt}{r.text}\n")
+    if not args.json:
+        r = results[-1]
+        stats = r.stats
+        rate = stats["decode_steps"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0
+        print(f"[{sum(x.new_tokens for x in results)} tokens, {rate * stats['batch']:.1f} tok/s decode]",
+              file=sys.stderr)
+
+
+def cmd_lens(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    engine = load_engine(args)
+    if args.last < 1:
+        raise LcdError(f"--last: {args.last} must be >= 1")
+    view = engine.lens(args.prompt, last=args.last, exit_norm=args.exit_norm)
+    if args.json:
+        print(json.dumps(view, ensure_ascii=False))
+        return
+    table = Table(title=f"top next token per layer (exit norm {'on' if args.exit_norm else 'off'})")
+    table.add_column("layer", justify="right")
+    for pos in view["positions"]:
+        table.add_column(repr(pos)[1:-1], justify="left")
+    for layer, tokens, probs in zip(view["layers"], view["top_tokens"], view["top_probs"]):
+        cells = []
+        for tok, p in zip(tokens, probs):
+            shade = "bold green" if p > 0.5 else "yellow" if p > 0.2 else "dim"
+            cells.append(f"[{shade}]{repr(tok)[1:-1]} {p:.2f}[/]")
+        table.add_row(str(layer), *cells)
+    Console().print(table)
+
+
+def cmd_convert(args) -> None:
+    from .convert import convert_gguf
+
+    t0 = time.perf_counter()
+    out = convert_gguf(args.gguf, args.out_dir)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_bench(args) -> None:
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+    if not script.is_file():
+        raise LcdError(f"bench: {script} not found (run from a source checkout of lcdfast)")
+    sys.argv = [str(script), *args.args]
+    import runpy
+
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import main as eval_main
+
+    eval_main(args.args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "lens": cmd_lens, "convert": cmd_convert, "bench": cmd_bench,
+                "eval": cmd_eval}
+    try:
+        commands[args.command](args)
+    except LcdError as e:
+        print(f"lcdfast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lcdfast: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
