@@ -231,7 +231,8 @@ class Engine:
         totals = []
         for start in range(0, len(prompts), batch_size):
             p_ids = [self.tokenizer.encode(p) for p in prompts[start:start + batch_size]]
-            c_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in continuations[start:start + batch_size]]
+            chunk = continuations[start:start + batch_size]
+            c_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in chunk]
             for p, c in zip(p_ids, c_ids):
                 if len(p) + len(c) > self.max_seq_len:
                     raise LcdError(f"score: prompt + continuation of {len(p) + len(c)} tokens exceed "

@@ -153,7 +153,8 @@ def opt_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
             names[ours + f"feed_forward.w13.{part}"] = ([hf + f"fc1.{part}"], part == "weight")
             names[ours + f"feed_forward.w2.{part}"] = ([hf + f"fc2.{part}"], part == "weight")
     if cfg.final_norm:
-        names["norm.weight"], names["norm.bias"] = (["final_layer_norm.weight"], False), (["final_layer_norm.bias"], False)
+        names["norm.weight"] = (["final_layer_norm.weight"], False)
+        names["norm.bias"] = (["final_layer_norm.bias"], False)
     return names
 
 

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 from conftest import VOCAB
+from test_models import first_diff
 
 from lcdfast.api import dola_candidates
 from lcdfast.checkpoint import load_model
 from lcdfast.contrast import acd_log_probs, cd_scores, plausible_mask
 from lcdfast.generate import DecodeConfig, generate_ids, score_ids
-from test_models import first_diff
 
 
 def acd_reference(expert: torch.Tensor, amateur: torch.Tensor, alpha: float, keep: int) -> torch.Tensor:
