@@ -32,6 +32,46 @@ def acd_log_probs(
     return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)
 
 
+def amateur_logits_at(hidden: Tensor, head: Tensor, token_ids: Tensor) -> Tensor:
+    """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E], head [E, V].
+
+    Reads K columns of the head instead of all V (the torch reference; csrc/ holds the fused kernel)."""
+    return torch.einsum("be,ebk->bk", hidden, head[:, token_ids])
+
+
+def acd_log_probs_masked(
+    expert_logits: Tensor, amateur_hidden: Tensor, head: Tensor, alpha: float = 0.1, min_tokens_to_keep: int = 1,
+    candidates: int = 64,
+) -> Tensor:
+    """acd_log_probs with the amateur's logits computed only on V_head (DESIGN.md §4.3). [B, V].
+
+    V_head is a prefix of the expert's ranking, so when it fits in the top `candidates` tokens those are
+    all the amateur must score; when any row's V_head is larger, the full projection runs instead (exact)."""
+    expert_logp = expert_logits.log_softmax(-1)
+    threshold = torch.minimum(expert_logp.max(-1, keepdim=True).values + math.log(alpha),
+                              expert_logp.topk(min_tokens_to_keep, dim=-1).values[..., -1:])
+    head_size = (expert_logp >= threshold).sum(-1)  # [B]
+
+    def on_candidates(expert_logp: Tensor, amateur_hidden: Tensor, head: Tensor, threshold: Tensor) -> Tensor:
+        top_logp, top_ids = expert_logp.topk(candidates, dim=-1)  # [B, K]
+        in_head = top_logp >= threshold
+        contrast = torch.where(in_head, top_logp - amateur_logits_at(amateur_hidden, head, top_ids).float(),
+                               -math.inf)
+        head_mass = torch.where(in_head, top_logp, -math.inf).logsumexp(-1, keepdim=True)
+        return expert_logp.scatter(1, top_ids, torch.where(in_head, contrast.log_softmax(-1) + head_mass, top_logp))
+
+    def on_vocab(expert_logp: Tensor, amateur_hidden: Tensor, head: Tensor, threshold: Tensor) -> Tensor:
+        mask = expert_logp >= threshold
+        contrast = torch.where(mask, expert_logp - (amateur_hidden @ head).float(), -math.inf)
+        head_mass = torch.where(mask, expert_logp, -math.inf).logsumexp(-1, keepdim=True)
+        return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)
+
+    if candidates >= expert_logp.shape[-1]:
+        return on_vocab(expert_logp, amateur_hidden, head, threshold)
+    return torch.cond(head_size.max() > candidates, on_vocab, on_candidates,
+                      (expert_logp, amateur_hidden, head, threshold))
+
+
 def js_divergence(final_logits: Tensor, layer_logits: Tensor) -> Tensor:
     """DoLa's Jensen-Shannon divergence per layer and row, averaged over the vocabulary. [L, B, V] -> [L, B]."""
     p_final, p_layer = final_logits.softmax(-1)[None], layer_logits.softmax(-1)

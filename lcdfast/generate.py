@@ -33,6 +33,7 @@ class DecodeConfig:
     dola_batch_mode: bool = False
     beta: float | None = None  # CD's beta form when set
     amateur_temperature: float = 1.0
+    head_candidates: int = 64  # ACD: expert's top tokens the masked contrast op scores; 0 = full projection
 
 
 @dataclass
@@ -73,6 +74,11 @@ def contrast_scores(
     if dc.method == "cd":
         return contrast.cd_scores(expert, amateur_logits.float(), dc.alpha, dc.beta, dc.amateur_temperature,
                                   dc.min_tokens_to_keep), chosen
+    if dc.method == "acd" and dc.head_candidates > 0:
+        hidden = model.exit_hidden(exits[0], dc.exit_norm)  # [B, E]
+        head = model.output.weight if exit_weights is None else exit_weights[0]  # [E, V]
+        return contrast.acd_log_probs_masked(expert, hidden, head, dc.alpha, dc.min_tokens_to_keep,
+                                             dc.head_candidates), chosen
     layers = exit_logits(model, exits, dc.exit_norm, exit_weights)  # [L, B, V]
     if dc.method == "acd":
         return contrast.acd_log_probs(expert, layers[0], dc.alpha, dc.min_tokens_to_keep), chosen

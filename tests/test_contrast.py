@@ -9,7 +9,7 @@ from test_models import first_diff
 
 from lcdfast.api import dola_candidates
 from lcdfast.checkpoint import load_model
-from lcdfast.contrast import acd_log_probs, cd_scores, plausible_mask
+from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, cd_scores, plausible_mask
 from lcdfast.generate import DecodeConfig, generate_ids, score_ids
 
 
@@ -148,3 +148,18 @@ def test_scores_are_log_likelihoods(tiny_dir):
     dola = score_ids(model, prompts, conts, "dola", exit_layers=(0, 2), exit_norm=False, relative_top=0.0,
                      post_softmax=False)
     assert all(math.isfinite(x) for x in dola)
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat", "mixed"])
+def test_masked_contrast_op_is_exact(case):
+    torch.manual_seed(7)
+    E, V = 32, 500
+    head, hidden = torch.randn(E, V), torch.randn(3, E)
+    expert = torch.randn(3, V) * (0.2 if case == "flat" else 5)
+    if case == "mixed":  # one row's V_head overflows the candidates: the full path runs for the batch
+        expert[1] *= 0.04
+    ref = acd_log_probs(expert, hidden @ head, 0.1)
+    ours = acd_log_probs_masked(expert, hidden, head, 0.1, 1, candidates=16)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    heads = plausible_mask(expert.log_softmax(-1), 0.1).sum(-1)
+    assert (heads.max() > 16) == (case != "peaked")
