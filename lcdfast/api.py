@@ -13,7 +13,7 @@ from torch import Tensor
 from .checkpoint import load_model
 from .errors import LcdError
 from .generate import METHODS, DecodeConfig, Generation, decode_step, generate_ids, score_ids
-from .model import Transformer
+from .model import Head, Transformer
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -44,13 +44,14 @@ def dola_candidates(dola_layers: str | list[int] | tuple[int, ...], n_layers: in
 def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
     """Trained per-layer exit heads from safetensors: keys `...lm_head_<i>.weight`, each [V, E].
 
-    Returned transposed to [E, V], the layout of the model's own head."""
+    Returned packed like the model's own head (model.Head)."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, FileNotFoundError) as e:
         raise LcdError(f"{path}: cannot read exit heads ({e})") from None
     cfg, heads = model.config, {}
     ref = model.output.weight
+    want = (cfg.vocab_size, cfg.embed_dim)
     for key, tensor in tensors.items():
         m = re.search(r"lm_head_(\d+)\.weight$", key)
         if m is None:
@@ -58,9 +59,9 @@ def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
         layer = int(m.group(1))
         if not 0 <= layer <= cfg.n_layers:
             raise LcdError(f"{path}: head '{key}' is for layer {layer}, model has layers 0..{cfg.n_layers}")
-        if tuple(tensor.shape) != tuple(ref.t().shape):
-            raise LcdError(f"{path}: head '{key}' has shape {tuple(tensor.shape)}, expected {tuple(ref.t().shape)}")
-        heads[layer] = tensor.t().to(dtype=ref.dtype, device=ref.device).contiguous()
+        if tuple(tensor.shape) != want:
+            raise LcdError(f"{path}: head '{key}' has shape {tuple(tensor.shape)}, expected {want}")
+        heads[layer] = Head.pack(tensor.t().to(dtype=ref.dtype, device=ref.device), ref.shape[-1])
     if not heads:
         raise LcdError(f"{path}: no tensors named 'lm_head_<layer>.weight'")
     return heads
@@ -266,7 +267,8 @@ class Engine:
             else:
                 w = self._exit_weights((j,))
                 hidden = self.model.exit_hidden(exits[k], exit_norm)
-                out.append((self.model.output(hidden) if w is None else hidden @ w[0]).float())
+                vocab = self.model.config.vocab_size
+                out.append((self.model.output(hidden) if w is None else Head.project(w[0], hidden, vocab)).float())
         return torch.stack(out)
 
     def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import LcdError
-from .model import ModelConfig, Transformer
+from .model import Head, ModelConfig, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,6 +120,7 @@ def read_config(model_dir: str | Path) -> ModelConfig:
 # nn.Linear weights [out, in] are transposed to our [in, out]; GPT-2's Conv1D weights already are [in, out].
 def gpt2_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
     names = {"tok_embeddings.weight": (["wte.weight"], False), "pos_embeddings.weight": (["wpe.weight"], False)}
+    # GPT-2's head is always tied to wte
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"h.{i}."
         for part in ("weight", "bias"):
@@ -213,6 +214,7 @@ def load_model(
     """Build a Transformer on the meta device and fill it from the checkpoint, strictly."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
+    cfg.head_block = 0 if str(device).startswith("cuda") else cfg.head_block
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise LcdError(f"--dtype: '{dtype}' unsupported (expected one of {', '.join(DTYPES)})")
@@ -222,6 +224,7 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = model.state_dict()
+    expected.setdefault("tok_embeddings.weight", torch.empty(cfg.vocab_size, cfg.embed_dim, device="meta"))
     state = {}
     for ours, (hf_names, linear) in NAME_TABLES[cfg.family](cfg).items():
         parts = []
@@ -243,16 +246,15 @@ def load_model(
                            f"expected {tuple(want.shape)} from config.json")
         state[ours] = tensor.to(device=device, dtype=dtype).contiguous()
     head = "lm_head.weight"
-    if cfg.tie_embeddings:  # one storage: the head [E, V], the embedding table its transposed view
-        state["output.weight"] = state["tok_embeddings.weight"].t().contiguous()
-        state["tok_embeddings.weight"] = state["output.weight"].t()
+    if cfg.tie_embeddings:  # one storage: the head, whose columns are the embedding table's rows
+        weight = state.pop("tok_embeddings.weight")
     elif head not in tensors:
         raise LcdError(f"{model_dir}: missing tensor '{head}' (config says tie_word_embeddings=false)")
     else:
-        weight = tensors[head][1].get_tensor(head).t()
-        if weight.shape != expected["output.weight"].shape:
-            raise LcdError(f"{model_dir}: tensor '{head}' has shape {tuple(weight.t().shape)}, "
-                           f"expected {tuple(expected['output.weight'].t().shape)}")
-        state["output.weight"] = weight.to(device=device, dtype=dtype).contiguous()
+        weight = tensors[head][1].get_tensor(head)
+        if weight.shape != (cfg.vocab_size, cfg.embed_dim):
+            raise LcdError(f"{model_dir}: tensor '{head}' has shape {tuple(weight.shape)}, "
+                           f"expected {(cfg.vocab_size, cfg.embed_dim)}")
+    state["output.weight"] = Head.pack(weight.to(device=device, dtype=dtype).t(), cfg.head_block)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

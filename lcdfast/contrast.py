@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .model import Head
+
 
 def plausible_mask(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int = 1) -> Tensor:
     """V_head: p_e(x) >= alpha * max p_e, and at least the top `min_tokens_to_keep` tokens. [B, V] bool."""
@@ -33,10 +35,9 @@ def acd_log_probs(
 
 
 def amateur_logits_at(hidden: Tensor, head: Tensor, token_ids: Tensor) -> Tensor:
-    """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E], head [E, V].
-
-    Reads K columns of the head instead of all V (the torch reference; csrc/ holds the fused kernel)."""
-    return torch.einsum("be,ebk->bk", hidden, head[:, token_ids])
+    """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E] and a
+    packed head weight [nb, E, Vb]. Reads K columns of the head instead of all V."""
+    return torch.einsum("be,bke->bk", hidden, Head.gather(head, token_ids))
 
 
 def acd_log_probs_masked(
@@ -44,6 +45,7 @@ def acd_log_probs_masked(
     candidates: int = 64,
 ) -> Tensor:
     """acd_log_probs with the amateur's logits computed only on V_head (DESIGN.md §4.3). [B, V].
+    `head` is a packed head weight [nb, E, Vb] (model.Head).
 
     V_head is a prefix of the expert's ranking, so when it fits in the top `candidates` tokens those are
     all the amateur must score; when any row's V_head is larger, the full projection runs instead (exact)."""
@@ -62,7 +64,8 @@ def acd_log_probs_masked(
 
     def on_vocab(expert_logp: Tensor, amateur_hidden: Tensor, head: Tensor, threshold: Tensor) -> Tensor:
         mask = expert_logp >= threshold
-        contrast = torch.where(mask, expert_logp - (amateur_hidden @ head).float(), -math.inf)
+        amateur_logits = Head.project(head, amateur_hidden, expert_logp.shape[-1]).float()
+        contrast = torch.where(mask, expert_logp - amateur_logits, -math.inf)
         head_mass = torch.where(mask, expert_logp, -math.inf).logsumexp(-1, keepdim=True)
         return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import contrast
-from .model import Transformer
+from .model import Head, Transformer
 
 METHODS = ("greedy", "sample", "acd", "dola", "cd")
 
@@ -55,11 +55,12 @@ class Generation:
 def exit_logits(model: Transformer, exits: Tensor, use_norm: bool, exit_weights: Tensor | None) -> Tensor:
     """Early-exit logits for stacked residual streams [L, B, C] -> [L, B, V] in one projection.
 
-    `exit_weights` [L, E, V] are trained per-layer heads; None means the model's own head for all."""
+    `exit_weights` [L, nb, E, Vb] are trained per-layer heads, packed; None: the model's own head for all."""
     hidden = model.exit_hidden(exits, use_norm)  # [L, B, E]
     if exit_weights is None:
         return model.output(hidden).float()
-    return torch.bmm(hidden, exit_weights).float()
+    V = model.config.vocab_size
+    return torch.stack([Head.project(w, h, V) for w, h in zip(exit_weights, hidden)]).float()
 
 
 def contrast_scores(

@@ -44,6 +44,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     family: str = "llama"  # for messages and the checkpoint name map only; forward never reads it
+    head_block: int = 1024  # LM head stored in vocabulary blocks of this width (0: one block, for CUDA)
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -126,6 +127,51 @@ class Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class Head(nn.Module):
+    """The LM head E -> V, its weight stored as vocabulary blocks [V/Vb, E, Vb] (zero-padded).
+
+    One batched product over blocks keeps each weight panel in cache: on CPU it halves the time of
+    DoLa's stacked-layer projection (M = 8 rows) against one [E, V] product, and is no slower at M = 1.
+    `columns(ids)` reads the rows of the [V, E] matrix, so a tied embedding table needs no second copy."""
+
+    def __init__(self, d_in: int, vocab: int, block: int) -> None:
+        super().__init__()
+        block = block or vocab
+        self.vocab = vocab
+        self.weight = nn.Parameter(torch.empty(-(-vocab // block), d_in, block))  # [nb, E, Vb]
+
+    @staticmethod
+    def pack(weight: Tensor, block: int) -> Tensor:
+        """[E, V] -> [nb, E, Vb]."""
+        E, V = weight.shape
+        block = block or V
+        n_blocks = -(-V // block)
+        padded = F.pad(weight, (0, n_blocks * block - V))
+        return padded.view(E, n_blocks, block).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def project(weight: Tensor, x: Tensor, vocab: int) -> Tensor:
+        """Logits [..., V] of x [..., E] under a packed head weight [nb, E, Vb]."""
+        lead, n_blocks = x.shape[:-1], weight.shape[0]
+        rows = x.reshape(1, -1, x.shape[-1])  # [1, M, E]
+        if n_blocks == 1:
+            return (rows[0] @ weight[0])[:, :vocab].reshape(*lead, vocab)
+        y = torch.bmm(rows.expand(n_blocks, -1, -1), weight)  # [nb, M, Vb]
+        return y.transpose(0, 1).reshape(*lead, -1)[..., :vocab]  # [..., V]
+
+    @staticmethod
+    def gather(weight: Tensor, ids: Tensor) -> Tensor:
+        """A packed head's weight column for each token id: ids [...] -> [..., E]."""
+        block = weight.shape[-1]
+        return weight[ids // block, :, ids % block]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return Head.project(self.weight, x, self.vocab)
+
+    def columns(self, ids: Tensor) -> Tensor:
+        return Head.gather(self.weight, ids)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -185,7 +231,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.tok_embeddings = None if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.pos_embeddings = (
             nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.dim) if cfg.positions == "learned" else None
         )
@@ -193,7 +239,7 @@ class Transformer(nn.Module):
         self.project_out = Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.dim) if cfg.final_norm else nn.Identity()
-        self.output = Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.output = Head(cfg.embed_dim, cfg.vocab_size, cfg.head_block)
         self.max_batch = self.max_seq_len = -1
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
@@ -223,7 +269,7 @@ class Transformer(nn.Module):
         """
         positions = slots[None, :] - pad[:, None]  # [B, T], row-relative; negative on padding
         mask = self.attention_mask(slots, pad)
-        x = self.tok_embeddings(tokens)  # [B, T, E]
+        x = self.output.columns(tokens) if self.tok_embeddings is None else self.tok_embeddings(tokens)  # [B, T, E]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, T, C]
         rope = None

@@ -11,6 +11,7 @@ from lcdfast.api import dola_candidates
 from lcdfast.checkpoint import load_model
 from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, cd_scores, plausible_mask
 from lcdfast.generate import DecodeConfig, generate_ids, score_ids
+from lcdfast.model import Head
 
 
 def acd_reference(expert: torch.Tensor, amateur: torch.Tensor, alpha: float, keep: int) -> torch.Tensor:
@@ -159,7 +160,7 @@ def test_masked_contrast_op_is_exact(case):
     if case == "mixed":  # one row's V_head overflows the candidates: the full path runs for the batch
         expert[1] *= 0.04
     ref = acd_log_probs(expert, hidden @ head, 0.1)
-    ours = acd_log_probs_masked(expert, hidden, head, 0.1, 1, candidates=16)
+    ours = acd_log_probs_masked(expert, hidden, Head.pack(head, 64), 0.1, 1, candidates=16)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
     heads = plausible_mask(expert.log_softmax(-1), 0.1).sum(-1)
     assert (heads.max() > 16) == (case != "peaked")
