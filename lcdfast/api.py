@@ -1,6 +1,7 @@
 """The Python API: `lcdfast.load()` -> `Engine` with generate, score, layer_logits and lens."""
 
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,9 +97,21 @@ class Engine:
         self.exit_heads = load_exit_heads(path, self.model)
 
     def enable_compile(self, mode: str | None = None) -> None:
-        """Compile the decode step (fullgraph, static shapes); eager stays the fallback."""
+        """Compile the decode step (fullgraph, static shapes; CUDA graphs on a GPU); eager stays the fallback."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one graph per config
         kwargs = {"mode": mode or ("reduce-overhead" if self.model.output.weight.is_cuda else None)}
         self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **kwargs)
+
+    def _step(self, *args):
+        """The compiled step, or eager if compiling fails (said once; compilation fails before any state changes)."""
+        if self.compiled_step is not None:
+            try:
+                return self.compiled_step(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the reference path
+                print(f"lcdfast: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "decoding eagerly", file=sys.stderr)
+                self.compiled_step = None
+        return decode_step(*args)
 
     def _exit_weights(self, layers: tuple[int, ...]) -> Tensor | None:
         if not any(j in self.exit_heads for j in layers):
@@ -199,11 +212,10 @@ class Engine:
             return stops
 
         t0 = time.perf_counter()
-        step = self.compiled_step or decode_step
         with torch.inference_mode():
             out, reasons, layers, stats = generate_ids(
                 self.model, encoded, dc, max_new_tokens, self.eos_ids, seed, self.amateur,
-                self._exit_weights(dc.exit_layers), step, on_tokens)
+                self._exit_weights(dc.exit_layers), self._step, on_tokens)
         seconds = time.perf_counter() - t0
         results = []
         for i, ids in enumerate(out):

@@ -164,3 +164,33 @@ def test_masked_contrast_op_is_exact(case):
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
     heads = plausible_mask(expert.log_softmax(-1), 0.1).sum(-1)
     assert (heads.max() > 16) == (case != "peaked")
+
+
+@pytest.mark.parametrize("relative_top,post_softmax", [(0.0, False), (0.1, True)])
+def test_dola_scores_match_dola_script(relative_top, post_softmax, tiny_dir):
+    """DoLa's released lm_score, re-derived from transformers' hidden states, position by position."""
+    path, hf = tiny_dir("llama-untied")
+    model = load_model(path)
+    candidates = (0, 2, 4)
+    prompt, cont = [5, 6, 7, 8, 9], [10, 11, 12, 13]
+    ours = score_ids(model, [prompt], [cont], "dola", exit_layers=candidates, exit_norm=False,
+                     relative_top=relative_top, post_softmax=post_softmax)[0]
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt + cont]), output_hidden_states=True)
+    total = 0.0
+    for k, token in enumerate(cont):
+        pos = len(prompt) - 1 + k
+        final = out.logits[0, pos]
+        layers = torch.stack([hf.lm_head(out.hidden_states[j][0, pos]) for j in candidates])
+        m = 0.5 * (final.softmax(-1)[None] + layers.softmax(-1))
+        js = 0.5 * (torch.nn.functional.kl_div(final.log_softmax(-1)[None], m, reduction="none").mean(-1)
+                    + torch.nn.functional.kl_div(layers.log_softmax(-1), m, reduction="none").mean(-1))
+        base = layers[int(js.argmax())]
+        diff = final.log_softmax(-1) - base.log_softmax(-1)
+        if post_softmax:
+            diff = diff.log_softmax(-1)
+        if relative_top > 0:
+            logp = final.log_softmax(-1)
+            diff = torch.where(logp < logp.max() + math.log(relative_top), -1000.0, diff)
+        total += diff[token].item()
+    assert abs(ours - total) < 1e-3, (ours, total)

@@ -1,0 +1,284 @@
+"""lcdfast bench: decode speed of every method, lcdfast compiled and eager against transformers 4.51.
+
+One run, one machine: prefill and decode tokens/s per (dtype, batch, method, engine), ratios to
+transformers and to lcdfast greedy, the two floors (weight bytes over measured copy bandwidth, and
+the bare chain of the same matrix products), compile warm-up and peak memory reported apart.
+Writes results.json, results.md and results.png into --out.
+
+    python bench/bench.py [--quick] [--model DIR] [--out bench/results]
+"""
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import lcdfast
+from lcdfast.checkpoint import DTYPES
+from lcdfast.model import Head, Linear
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "In a small village at the foot of the mountains, an old clockmaker",
+    "Photosynthesis is the process by which green plants",
+    "The stock market fell sharply on Monday after",
+    "Alan Turing was a British mathematician who",
+    "The recipe calls for two cups of flour and",
+    "Scientists have discovered a new species of frog in",
+    "The first thing you notice when you enter the museum is",
+]
+METHODS = {  # name -> generate() options
+    "greedy": dict(method="greedy"),
+    "sample": dict(method="sample", temperature=0.8, top_p=0.95),
+    "acd": dict(method="acd"),
+    "dola-high": dict(method="dola", dola_layers="high", repetition_penalty=1.2),
+    "dola-low": dict(method="dola", dola_layers="low", repetition_penalty=1.2),
+    "cd": dict(method="cd"),
+}
+HF_METHODS = {  # transformers 4.51 generate() options for the methods it has
+    "greedy": dict(do_sample=False),
+    "sample": dict(do_sample=True, temperature=0.8, top_p=0.95),
+    "dola-high": dict(do_sample=False, dola_layers="high", repetition_penalty=1.2),
+    "dola-low": dict(do_sample=False, dola_layers="low", repetition_penalty=1.2),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def truncated_amateur(model_dir: Path, n_layers: int, out_dir: Path) -> Path:
+    """CD's amateur for the bench: the checkpoint's first `n_layers` blocks with its own head and tokenizer."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["num_hidden_layers"] = n_layers
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    keep = {k: v for k, v in tensors.items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layers}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(keep, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "tokenizer.model"):
+        if (model_dir / name).is_file():
+            (out_dir / name).write_bytes((model_dir / name).read_bytes())
+    return out_dir
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second moved by a large tensor copy (each byte counted once), best of 10."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32)  # 256 MiB
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return src.numel() * 4 / best
+
+
+@torch.inference_mode()
+def matmul_chain_ms(model, batch: int) -> float:
+    """The bare matrix products of one decode step, same weights and layouts as the model, best of 10."""
+    weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+    dtype = model.output.weight.dtype
+    xs = {w.shape[0]: torch.randn(batch, w.shape[0], dtype=dtype) for w in weights}
+    head_x = torch.randn(batch, model.config.embed_dim, dtype=dtype)
+
+    def chain():
+        for w in weights:
+            xs[w.shape[0]] @ w
+        Head.project(model.output.weight, head_x, model.config.vocab_size)
+
+    for _ in range(3):
+        chain()
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        chain()
+        best = min(best, time.perf_counter() - t)
+    return best * 1000
+
+
+def time_lcdfast(engine, prompts, options, new_tokens, repeats) -> dict:
+    engine.generate(prompts, max_new_tokens=new_tokens, **options)  # warm-up (compiles on first use)
+    runs = []
+    for _ in range(repeats):
+        r = engine.generate(prompts, max_new_tokens=new_tokens, batch_size=len(prompts), **options)[0].stats
+        runs.append(r)
+    best = min(runs, key=lambda s: s["decode_seconds"] / max(s["decode_steps"], 1))
+    B, T = best["batch"], best["prompt_tokens"]
+    return {"prefill_tok_s": B * T / best["prefill_seconds"],
+            "decode_tok_s": B * best["decode_steps"] / best["decode_seconds"],
+            "decode_ms_per_step": 1000 * best["decode_seconds"] / best["decode_steps"],
+            "runs_ms_per_step": [1000 * s["decode_seconds"] / s["decode_steps"] for s in runs]}
+
+
+@torch.inference_mode()
+def time_transformers(hf, tok, prompts, options, new_tokens, repeats) -> dict:
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(pad_token_id=tok.pad_token_id, eos_token_id=None, **options)
+    torch.manual_seed(0)
+    hf.generate(**enc, max_new_tokens=4, **kwargs)  # warm-up
+    one, full = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        hf.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        hf.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        full.append(time.perf_counter() - t)
+    B, T = enc.input_ids.shape
+    prefill, total = min(one), min(full)
+    decode = max(total - prefill, 1e-9) / (new_tokens - 1)
+    return {"prefill_tok_s": B * T / prefill, "decode_tok_s": B / decode, "decode_ms_per_step": 1000 * decode,
+            "runs_ms_per_step": [1000 * max(f - prefill, 1e-9) / (new_tokens - 1) for f in full]}
+
+
+def load_transformers(model_dir: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
+    return hf, tok
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for key, block in results["runs"].items():
+        floors = block["floors"]
+        lines.append(f"\n### {key}\n")
+        lines.append(f"floors: copy bandwidth {floors['copy_floor_ms']:.1f} ms/step, "
+                     f"matmul chain {floors['matmul_floor_ms']:.1f} ms/step\n")
+        lines.append("| method | engine | prefill tok/s | decode tok/s | ms/step | vs transformers | vs lcdfast greedy "
+                     "| matmul floor reached |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        for row in block["rows"]:
+            fmt = lambda x, spec: "-" if x is None else format(x, spec)
+            lines.append(f"| {row['method']} | {row['engine']} | {row['prefill_tok_s']:.0f} "
+                         f"| {row['decode_tok_s']:.1f} "
+                         f"| {row['decode_ms_per_step']:.1f} | {fmt(row.get('vs_transformers'), '.2f')}x "
+                         f"| {fmt(row.get('vs_greedy'), '.2f')}x | {fmt(row.get('floor_fraction'), '.0%')} |")
+        lines.append("\ncompile warm-up: " + ", ".join(f"{k} {v:.0f}s" for k, v in block["warmup_s"].items()))
+    lines.append(f"\npeak RSS {results['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart (pip install matplotlib)", file=sys.stderr)
+        return
+    blocks = list(results["runs"].items())
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 4), squeeze=False)
+    for ax, (key, block) in zip(axes[0], blocks):
+        engines = ["lcdfast compiled", "lcdfast eager", "transformers"]
+        methods = list(dict.fromkeys(r["method"] for r in block["rows"]))
+        width = 0.27
+        for k, engine in enumerate(engines):
+            vals = [next((r["decode_tok_s"] for r in block["rows"] if r["method"] == m and r["engine"] == engine), 0)
+                    for m in methods]
+            ax.bar([i + (k - 1) * width for i in range(len(methods))], vals, width, label=engine)
+        ax.set_xticks(range(len(methods)), methods, rotation=30)
+        ax.set_title(key)
+        ax.set_ylabel("decode tokens/s")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--quick", action="store_true", help="float32, batch 1, 32 tokens, greedy/acd/dola-high")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--no-eager", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.dtypes, args.batches, args.new_tokens, args.methods, args.repeats = \
+            "float32", "1", 32, "greedy,acd,dola-high", 2
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        from lcdfast.convert import default_model_dir
+
+        model_dir = default_model_dir()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            sys.exit(f"bench: --methods: '{m}' unknown (expected {', '.join(METHODS)})")
+    torch._dynamo.config.recompile_limit = 64
+    amateur_dir = truncated_amateur(model_dir, 6, Path(tempfile.mkdtemp())) if "cd" in methods else None
+    results = {"model": str(model_dir), "new_tokens": args.new_tokens, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "copy_bandwidth_gb_s": copy_bandwidth() / 1e9, "runs": {}}
+    for dtype in args.dtypes.split(","):
+        engine = lcdfast.load(model_dir, dtype=dtype)
+        if amateur_dir:
+            engine.set_amateur(amateur_dir)
+        weight_bytes = sum(t.numel() * t.element_size() for t in engine.model.parameters())
+        hf = tok = None
+        if not args.no_transformers:
+            hf, tok = load_transformers(model_dir, DTYPES[dtype])
+        for batch in (int(b) for b in args.batches.split(",")):
+            prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
+            key = f"{dtype} batch {batch}"
+            floors = {"weight_mb": weight_bytes / 1e6,
+                      "copy_floor_ms": 1000 * weight_bytes / (results["copy_bandwidth_gb_s"] * 1e9),
+                      "matmul_floor_ms": matmul_chain_ms(engine.model, batch)}
+            rows, warmup = [], {}
+            for method in methods:
+                options = METHODS[method]
+                for engine_name in ("lcdfast compiled", "lcdfast eager"):
+                    if engine_name == "lcdfast eager" and args.no_eager:
+                        continue
+                    engine.compiled_step = None
+                    if engine_name == "lcdfast compiled":
+                        engine.enable_compile()
+                        t = time.perf_counter()
+                        engine.generate(prompts, max_new_tokens=2, batch_size=batch, **options)
+                        warmup[method] = time.perf_counter() - t
+                    print(f"{key} {method} {engine_name}...", file=sys.stderr, flush=True)
+                    row = time_lcdfast(engine, prompts, options, args.new_tokens, args.repeats)
+                    rows.append({"method": method, "engine": engine_name, **row})
+                if hf is not None and method in HF_METHODS:
+                    print(f"{key} {method} transformers...", file=sys.stderr, flush=True)
+                    row = time_transformers(hf, tok, prompts, HF_METHODS[method], args.new_tokens, args.repeats)
+                    rows.append({"method": method, "engine": "transformers", **row})
+            for row in rows:
+                ref = next((r for r in rows if r["engine"] == "transformers" and r["method"] == row["method"]), None)
+                greedy = next((r for r in rows if r["engine"] == row["engine"] and r["method"] == "greedy"), None)
+                row["vs_transformers"] = row["decode_tok_s"] / ref["decode_tok_s"] if ref else None
+                row["vs_greedy"] = row["decode_tok_s"] / greedy["decode_tok_s"] if greedy else None
+                row["floor_fraction"] = floors["matmul_floor_ms"] / row["decode_ms_per_step"]
+            results["runs"][key] = {"floors": floors, "rows": rows, "warmup_s": warmup}
+        engine.compiled_step = None
+        del engine, hf
+    results["peak_rss_mb"] = peak_rss_mb()
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (out / "results.md").write_text(table + "\n")
+    chart(results, out / "results.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The compiled decode step: token-identical to eager, and no recompilation as the position grows."""
+
+import pytest
+import torch
+from conftest import VOCAB
+
+from lcdfast.checkpoint import load_model
+from lcdfast.generate import DecodeConfig, decode_step, generate_ids
+
+CONFIGS = {
+    "greedy": DecodeConfig(),
+    "sample": DecodeConfig(method="sample", do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
+                           repetition_penalty=1.1),
+    "acd": DecodeConfig(method="acd", exit_layers=(3,)),
+    "dola": DecodeConfig(method="dola", exit_layers=(0, 2, 4), exit_norm=False, repetition_penalty=1.2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_equals_eager_without_recompiling(name, tiny_dir, monkeypatch):
+    model = load_model(tiny_dir("llama-untied")[0])
+    dc = CONFIGS[name]
+    torch.compiler.reset()
+    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9)]
+    eager, _, _, _ = generate_ids(model, prompts, dc, 64, [], seed=11)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # 64 positions, one graph
+        compiled, _, _, _ = generate_ids(model, prompts, dc, 64, [], seed=11, step_fn=step)
+    assert compiled == eager
