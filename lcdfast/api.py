@@ -217,6 +217,11 @@ class Engine:
                 self.model, encoded, dc, max_new_tokens, self.eos_ids, seed, self.amateur,
                 self._exit_weights(dc.exit_layers), self._step, on_tokens)
         seconds = time.perf_counter() - t0
+        if stream is not None:
+            for i, decoder in enumerate(decoders):
+                rest = decoder.flush()
+                if rest:
+                    stream(offset + i, rest)
         results = []
         for i, ids in enumerate(out):
             content = [t for t in ids if t not in self.eos_ids]
