@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from test_models import first_diff
 
 import lcdfast
 from lcdfast.api import dola_candidates
 from lcdfast.generate import DecodeConfig, generate_ids
-from test_models import first_diff
 
 pytestmark = pytest.mark.slow
 
