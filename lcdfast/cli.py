@@ -94,7 +94,7 @@ def cmd_generate(args) -> None:
     streaming = not args.json and len(args.prompt) == 1
     stream = (lambda row, text: print(text, end="", flush=True)) if streaming else None
     if streaming:
-        print(args.prompt[0], end="", flush=True)
+        print(args.prompt[0], end="\n" if args.chat else "", flush=True)
     results = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
                               chat=args.chat, batch_size=args.batch_size, stream=stream, **options)
     for r in results:
