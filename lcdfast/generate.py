@@ -68,8 +68,13 @@ def contrast_scores(
     exit_weights: Tensor | None, dc: DecodeConfig,
 ) -> tuple[Tensor, Tensor]:
     """Scores over the vocabulary [B, V] for the method, and DoLa's chosen candidate index [B] (else zeros)."""
-    expert = model.output(final).float()  # [B, V]
-    chosen = torch.zeros(expert.shape[0], dtype=torch.long, device=expert.device)
+    chosen = torch.zeros(final.shape[0], dtype=torch.long, device=final.device)
+    if dc.method == "dola" and exit_weights is None:
+        # expert and candidates through the head in one pass over its weights: [1 + L, B, E] -> [1 + L, B, V]
+        logits = model.output(torch.cat([final[None], model.exit_hidden(exits, dc.exit_norm)])).float()
+        expert, layers = logits[0], logits[1:]
+    else:
+        expert = model.output(final).float()  # [B, V]
     if dc.method in ("greedy", "sample"):
         return expert, chosen
     if dc.method == "cd":
@@ -77,10 +82,11 @@ def contrast_scores(
                                   dc.min_tokens_to_keep), chosen
     if dc.method == "acd" and dc.head_candidates > 0:
         hidden = model.exit_hidden(exits[0], dc.exit_norm)  # [B, E]
-        head = model.output.weight if exit_weights is None else exit_weights[0]  # [E, V]
+        head = model.output.weight if exit_weights is None else exit_weights[0]  # packed [nb, E, Vb]
         return contrast.acd_log_probs_masked(expert, hidden, head, dc.alpha, dc.min_tokens_to_keep,
                                              dc.head_candidates), chosen
-    layers = exit_logits(model, exits, dc.exit_norm, exit_weights)  # [L, B, V]
+    if dc.method == "acd" or exit_weights is not None:
+        layers = exit_logits(model, exits, dc.exit_norm, exit_weights)  # [L, B, V]
     if dc.method == "acd":
         return contrast.acd_log_probs(expert, layers[0], dc.alpha, dc.min_tokens_to_keep), chosen
     if len(dc.exit_layers) > 1:
