@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .checkpoint import load_model
 from .errors import LcdError
-from .generate import METHODS, DecodeConfig, Generation, decode_step, generate_ids, score_ids
+from .generate import METHODS, DecodeConfig, Generation, ScoreConfig, decode_step, generate_ids, score_ids
 from .model import Head, Transformer
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -233,32 +233,49 @@ class Engine:
                                       layers[i] if dc.method == "dola" else None, stats))
         return results
 
-    def score(
-        self, prompts: list[str], continuations: list[str], method: str = "greedy", batch_size: int = 8,
-        amateur_layer: int | None = None, dola_layers: str | list[int] | None = None, alpha: float = 0.1,
-        relative_top: float = 0.1, relative_top_value: float = -1000.0, post_softmax: bool = True,
+    def score_config(
+        self, method: str = "greedy", amateur_layer: int | None = None, dola_layers: str | list[int] | None = None,
+        alpha: float = 0.1, relative_top: float = 0.1, relative_top_value: float = -1000.0, post_softmax: bool = True,
         exit_norm: bool | None = None, beta: float | None = None, amateur_temperature: float = 1.0,
-    ) -> list[float]:
-        """Log-likelihood of each continuation after its prompt under a method (see generate.score_ids)."""
-        if len(prompts) != len(continuations):
-            raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+    ) -> ScoreConfig:
+        """Validate one scoring recipe (LcdError naming the argument); see generate.method_log_scores."""
         if method == "sample":
             method = "greedy"
+        if not 0 <= relative_top <= 1:
+            raise LcdError(f"relative_top: {relative_top} must be in [0, 1]")
         dc = self.decode_config(method, amateur_layer=amateur_layer, dola_layers=dola_layers, alpha=alpha,
                                 exit_norm=exit_norm, beta=beta, amateur_temperature=amateur_temperature)
-        totals = []
+        return ScoreConfig(method, dc.exit_layers, dc.exit_norm, dc.alpha, float(relative_top),
+                           float(relative_top_value), post_softmax, beta, dc.amateur_temperature)
+
+    def score(self, prompts: list[str], continuations: list[str], batch_size: int = 8, **options) -> list[float]:
+        """Log-likelihood of each continuation after its prompt under one method (options: score_config's)."""
+        return self.score_methods(prompts, continuations, [options], batch_size)[0]
+
+    def score_methods(
+        self, prompts: list[str], continuations: list[str], methods: list[dict], batch_size: int = 8,
+    ) -> list[list[float]]:
+        """Several methods' log-likelihoods from one forward pass per batch: [method][item].
+
+        Tokenized as DoLa's scripts do: the continuation's ids are those of prompt + continuation after the
+        prompt's own ids. The prompts' shared token prefix (a few-shot demo) is computed once per batch."""
+        if len(prompts) != len(continuations):
+            raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+        configs = [self.score_config(**m) for m in methods]
+        results = [[] for _ in configs]
         for start in range(0, len(prompts), batch_size):
-            p_ids = [self.tokenizer.encode(p) for p in prompts[start:start + batch_size]]
-            chunk = continuations[start:start + batch_size]
-            c_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in chunk]
-            for p, c in zip(p_ids, c_ids):
-                if len(p) + len(c) > self.max_seq_len:
-                    raise LcdError(f"score: prompt + continuation of {len(p) + len(c)} tokens exceed "
-                                   f"{self.max_seq_len}")
-            totals += score_ids(self.model, p_ids, c_ids, method, dc.exit_layers, dc.exit_norm,
-                                self._exit_weights(dc.exit_layers), alpha, relative_top, relative_top_value,
-                                post_softmax, self.amateur, beta, amateur_temperature)
-        return totals
+            p_ids, c_ids = [], []
+            for p, c in zip(prompts[start:start + batch_size], continuations[start:start + batch_size]):
+                ids = self.encode_prompt(p)
+                full = self.tokenizer.encode(p + c)
+                if len(full) > self.max_seq_len:
+                    raise LcdError(f"score: prompt + continuation of {len(full)} tokens exceed {self.max_seq_len}")
+                p_ids.append(ids)
+                c_ids.append(full[len(ids):])
+            for out, totals in zip(results, score_ids(self.model, p_ids, c_ids, configs, self.exit_heads,
+                                                      self.amateur)):
+                out += totals
+        return results
 
     @torch.inference_mode()
     def layer_logits(self, input_ids: Tensor | list[int], layers: list[int] | None = None,

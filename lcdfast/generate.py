@@ -217,73 +217,111 @@ def generate_ids(
     return out, reasons, layers, stats
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One likelihood-scoring recipe (see score_ids); several share one forward pass."""
+
+    method: str = "greedy"
+    exit_layers: tuple[int, ...] = ()
+    exit_norm: bool = True
+    alpha: float = 0.1  # ACD's plausibility
+    relative_top: float = 0.1  # DoLa / CD: mask outside the relative-top set (0: no mask)
+    relative_top_value: float = -1000.0
+    post_softmax: bool = True
+    beta: float | None = None
+    amateur_temperature: float = 1.0
+
+
+def method_log_scores(
+    model: Transformer, final: Tensor, exits: Tensor | None, layers: tuple[int, ...], amateur_logits: Tensor | None,
+    exit_weights: Tensor | None, sc: ScoreConfig,
+) -> Tensor:
+    """Per-position log-scores [M, V] for scoring: `final` [M, E], `exits` [len(layers), M, C].
+
+    greedy: log p_e. acd: log q. dola: DoLa's released scoring — per position the JS-chosen layer,
+    log p_e - log p_j, then log_softmax if `post_softmax`, then `relative_top_value` outside the
+    relative-top set if `relative_top` > 0. cd: the same recipe with the amateur model's log-probs."""
+    expert = model.output(final).float()
+    if sc.method == "greedy":
+        return expert.log_softmax(-1)
+    hidden = None if exits is None else exits[[layers.index(j) for j in sc.exit_layers]]
+    if sc.method == "acd":
+        return contrast.acd_log_probs(expert, exit_logits(model, hidden, sc.exit_norm, exit_weights)[0], sc.alpha)
+    if sc.method == "dola":
+        candidates = exit_logits(model, hidden, sc.exit_norm, exit_weights)  # [L, M, V]
+        chosen = contrast.dola_select_layer(expert, candidates)
+        base = candidates.gather(0, chosen[None, :, None].expand(1, *expert.shape))[0].log_softmax(-1)
+    else:
+        base = (amateur_logits / sc.amateur_temperature).log_softmax(-1)
+    expert_logp = expert.log_softmax(-1)
+    if sc.method == "cd" and sc.beta is not None:
+        scores = (1 + sc.beta) * expert - sc.beta * amateur_logits
+    else:
+        scores = expert_logp - base
+    if sc.post_softmax:
+        scores = scores.log_softmax(-1)
+    if sc.relative_top > 0:
+        scores = torch.where(contrast.plausible_mask(expert_logp, sc.relative_top), scores, sc.relative_top_value)
+    return scores
+
+
 @torch.inference_mode()
 def score_ids(
     model: Transformer,
     prompts: list[list[int]],
     continuations: list[list[int]],
-    method: str = "greedy",
-    exit_layers: tuple[int, ...] = (),
-    exit_norm: bool = True,
-    exit_weights: Tensor | None = None,
-    alpha: float = 0.1,
-    relative_top: float = 0.1,
-    relative_top_value: float = -1000.0,
-    post_softmax: bool = True,
+    configs: list[ScoreConfig],
+    exit_weights: dict[int, Tensor] | None = None,
     amateur: Transformer | None = None,
-    beta: float | None = None,
-    amateur_temperature: float = 1.0,
-) -> list[float]:
-    """Sum over each continuation's tokens of the method's log-score, after its prompt (one batch).
+) -> list[list[float]]:
+    """Sum of each continuation's per-token log-scores after its prompt, for every config: [config][row].
 
-    greedy: log p_e. acd: log q. dola: DoLa's released scoring — per position the JS-chosen layer,
-    log p_e - log p_j, then log_softmax if `post_softmax`, then `relative_top_value` outside the
-    relative-top set if `relative_top` > 0. cd: the same recipe with the amateur model's log-probs."""
+    Rows are right-padded (real tokens never see the padding, so no mask is needed), and the prompts'
+    longest shared token prefix (e.g. a few-shot demo) runs once and is copied into every row's cache."""
     device = model.output.weight.device
-    rows = [p + c for p, c in zip(prompts, continuations)]
-    tokens, pad = left_pad(rows, model.config.pad_token_id or 0, device)
-    B, T = tokens.shape
-    width = max(len(c) for c in continuations)  # the last `width` predictions cover every continuation
+    shared = min(len(p) for p in prompts) - 1
+    for p in prompts:
+        shared = next((k for k in range(shared) if p[k] != prompts[0][k]), shared)
+    prefix = prompts[0][:shared]
+    rows = [p[shared:] + c for p, c in zip(prompts, continuations)]
+    B, T = len(rows), max(len(r) for r in rows)
+    tokens = torch.full((B, T), model.config.pad_token_id or 0, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    tokens, pad = tokens.to(device), torch.zeros(B, dtype=torch.long, device=device)
+    layers = tuple(sorted({j for sc in configs for j in sc.exit_layers}))
+    S = cache_length(shared + T, 1 << 30)
+    outs = []
     for m in (model, amateur):
-        if m is not None:
-            m.setup_caches(B, T)
-    slots = torch.arange(T, device=device)
-    final, exits = model(tokens, slots, pad, exit_layers)
-    final = final[:, T - width - 1:T - 1].reshape(B * width, -1)  # [B*W, E]
-    expert = model.output(final).float()
-    if method == "greedy":
-        scores = expert.log_softmax(-1)
-    elif method == "acd":
-        amateur_logits = exit_logits(model, exits[:, :, T - width - 1:T - 1].reshape(1, B * width, -1),
-                                     exit_norm, exit_weights)[0]
-        scores = contrast.acd_log_probs(expert, amateur_logits, alpha)
-    else:
-        if method == "dola":
-            hidden = exits[:, :, T - width - 1:T - 1].reshape(len(exit_layers), B * width, -1)
-            layers = exit_logits(model, hidden, exit_norm, exit_weights)  # [L, B*W, V]
-            chosen = contrast.dola_select_layer(expert, layers) if len(exit_layers) > 1 else \
-                torch.zeros(B * width, dtype=torch.long, device=device)
-            base = layers.gather(0, chosen[None, :, None].expand(1, *expert.shape))[0]
-            base = base.log_softmax(-1)
-        else:
-            amateur_final = amateur(tokens, slots, pad)[0][:, T - width - 1:T - 1].reshape(B * width, -1)
-            amateur_logits = amateur.output(amateur_final).float()
-            base = (amateur_logits / amateur_temperature).log_softmax(-1)
-        expert_logp = expert.log_softmax(-1)
-        if method == "cd" and beta is not None:
-            scores = (1 + beta) * expert - beta * amateur_logits
-        else:
-            scores = expert_logp - base
-        if post_softmax:
-            scores = scores.log_softmax(-1)
-        if relative_top > 0:
-            keep = contrast.plausible_mask(expert_logp, relative_top)
-            scores = torch.where(keep, scores, relative_top_value)
-    scores = scores.view(B, width, -1)
-    totals = []
-    for i, cont in enumerate(continuations):
-        idx = torch.tensor(cont, device=device)
-        row = scores[i, width - len(cont):]
-        totals.append(row.gather(-1, idx[:, None]).sum().item() if len(cont) else 0.0)
-    return totals
-
+        if m is None:
+            continue
+        if shared:
+            m.setup_caches(1, S)
+            m(torch.tensor([prefix], device=device), torch.arange(shared, device=device), pad[:1])
+            saved = [(blk.attention.kv_cache.k[:, :, :shared].clone(), blk.attention.kv_cache.v[:, :, :shared].clone())
+                     for blk in m.layers]
+        m.setup_caches(B, S)
+        if shared:
+            for blk, (k, v) in zip(m.layers, saved):
+                blk.attention.kv_cache.k[:, :, :shared] = k
+                blk.attention.kv_cache.v[:, :, :shared] = v
+        outs.append(m(tokens, torch.arange(shared, shared + T, device=device), pad, layers if m is model else ()))
+    (final, exits), amateur_final = outs[0], outs[1][0] if amateur is not None else None
+    # the positions that predict continuation tokens, flattened over rows: M of them
+    row_of = torch.tensor([i for i, c in enumerate(continuations) for _ in c], device=device)
+    pos = torch.tensor([len(p) - shared - 1 + k for p, c in zip(prompts, continuations) for k in range(len(c))],
+                       device=device)
+    target = torch.tensor([t for c in continuations for t in c], device=device)
+    final_m = final[row_of, pos]  # [M, E]
+    exits_m = None if exits is None else exits[:, row_of, pos]  # [L, M, C]
+    amateur_logits = None if amateur_final is None else amateur.output(amateur_final[row_of, pos]).float()
+    results = []
+    for sc in configs:
+        weights = None
+        if exit_weights and any(j in exit_weights for j in sc.exit_layers):
+            weights = torch.stack([exit_weights.get(j, model.output.weight) for j in sc.exit_layers])
+        scores = method_log_scores(model, final_m, exits_m, layers, amateur_logits, weights, sc)
+        picked = scores.gather(-1, target[:, None])[:, 0]  # [M]
+        totals = torch.zeros(B, dtype=picked.dtype, device=device).index_add_(0, row_of, picked)
+        results.append(totals.tolist())
+    return results

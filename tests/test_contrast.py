@@ -10,7 +10,7 @@ from test_models import first_diff
 from lcdfast.api import dola_candidates
 from lcdfast.checkpoint import load_model
 from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, cd_scores, plausible_mask
-from lcdfast.generate import DecodeConfig, generate_ids, score_ids
+from lcdfast.generate import DecodeConfig, ScoreConfig, generate_ids, score_ids
 from lcdfast.model import Head
 
 
@@ -136,19 +136,20 @@ def test_batched_contrast_equals_one_by_one(dc, tiny_dir):
 def test_scores_are_log_likelihoods(tiny_dir):
     path, hf = tiny_dir("llama-untied")
     model = load_model(path)
-    prompts, conts = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
-    totals = score_ids(model, prompts, conts, "greedy")
-    for p, c, total in zip(prompts, conts, totals):
+    demo = [20, 21, 22, 23, 24, 25]  # a shared prefix, computed once and copied into every row
+    prompts, conts = [demo + [5, 6, 7, 8], demo + [9, 10], demo + [9]], [[11, 12, 13], [14], [30, 31]]
+    configs = [ScoreConfig(), ScoreConfig("acd", (3,)), ScoreConfig("dola", (0, 2), False, relative_top=0.0,
+                                                                     post_softmax=False)]
+    greedy, acd, dola = score_ids(model, prompts, conts, configs)
+    for p, c, total in zip(prompts, conts, greedy):
         with torch.no_grad():
             logp = hf(torch.tensor([p + c])).logits[0].log_softmax(-1)
         ref = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(c))
         assert abs(total - ref) < 1e-4
-    acd = score_ids(model, prompts, conts, "acd", exit_layers=(3,))
-    batch_one = [score_ids(model, [p], [c], "acd", exit_layers=(3,))[0] for p, c in zip(prompts, conts)]
-    assert all(abs(a - b) < 1e-4 for a, b in zip(acd, batch_one))
-    dola = score_ids(model, prompts, conts, "dola", exit_layers=(0, 2), exit_norm=False, relative_top=0.0,
-                     post_softmax=False)
-    assert all(math.isfinite(x) for x in dola)
+    for i, (p, c) in enumerate(zip(prompts, conts)):  # one row alone: no shared prefix, no padding
+        alone = score_ids(model, [p], [c], configs)
+        assert all(abs(a[0] - b[i]) < 1e-4 for a, b in zip(alone, (greedy, acd, dola)))
+    assert all(math.isfinite(x) for x in acd + dola)
 
 
 @pytest.mark.parametrize("case", ["peaked", "flat", "mixed"])
@@ -173,8 +174,8 @@ def test_dola_scores_match_dola_script(relative_top, post_softmax, tiny_dir):
     model = load_model(path)
     candidates = (0, 2, 4)
     prompt, cont = [5, 6, 7, 8, 9], [10, 11, 12, 13]
-    ours = score_ids(model, [prompt], [cont], "dola", exit_layers=candidates, exit_norm=False,
-                     relative_top=relative_top, post_softmax=post_softmax)[0]
+    sc = ScoreConfig("dola", candidates, False, relative_top=relative_top, post_softmax=post_softmax)
+    ours = score_ids(model, [prompt], [cont], [sc])[0][0]
     with torch.no_grad():
         out = hf(torch.tensor([prompt + cont]), output_hidden_states=True)
     total = 0.0
