@@ -78,6 +78,7 @@ class Engine:
         self.amateur: Transformer | None = None
         self.exit_heads: dict[int, Tensor] = {}
         self.compiled_step: Callable | None = None
+        self.prefix_cache: dict = {}  # scoring: the last shared prompt prefix's K/V per model
         self.eos_ids = sorted(set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
 
     @property
@@ -273,7 +274,7 @@ class Engine:
                 p_ids.append(ids)
                 c_ids.append(full[len(ids):])
             for out, totals in zip(results, score_ids(self.model, p_ids, c_ids, configs, self.exit_heads,
-                                                      self.amateur)):
+                                                      self.amateur, self.prefix_cache)):
                 out += totals
         return results
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import masked_logits_on
 from .model import Head
 
 
@@ -36,7 +37,9 @@ def acd_log_probs(
 
 def amateur_logits_at(hidden: Tensor, head: Tensor, token_ids: Tensor) -> Tensor:
     """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E] and a
-    packed head weight [nb, E, Vb]. Reads K columns of the head instead of all V."""
+    packed head weight [nb, E, Vb]. Reads K columns of the head instead of all V. The fused op returns float32."""
+    if masked_logits_on(hidden.device):  # csrc/, when built (kernels.py)
+        return torch.ops.lcdfast.masked_logits(hidden, head, token_ids)
     return torch.einsum("be,bke->bk", hidden, Head.gather(head, token_ids))
 
 

@@ -3,6 +3,7 @@
 Shapes: B rows, T prompt tokens (left-padded), V vocab, E head width, C model width, L exit layers.
 """
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,7 +250,7 @@ def method_log_scores(
         return contrast.acd_log_probs(expert, exit_logits(model, hidden, sc.exit_norm, exit_weights)[0], sc.alpha)
     if sc.method == "dola":
         candidates = exit_logits(model, hidden, sc.exit_norm, exit_weights)  # [L, M, V]
-        chosen = contrast.dola_select_layer(expert, candidates)
+        chosen = select_layer_fused()(expert, candidates)
         base = candidates.gather(0, chosen[None, :, None].expand(1, *expert.shape))[0].log_softmax(-1)
     else:
         base = (amateur_logits / sc.amateur_temperature).log_softmax(-1)
@@ -265,6 +266,13 @@ def method_log_scores(
     return scores
 
 
+@functools.cache
+def select_layer_fused() -> Callable:
+    """dola_select_layer compiled for any shape: scoring runs it on [L, M, V] with M in the hundreds, where
+    eager makes ~10 passes over gigabytes of temporaries and the fused kernel one (8x faster on CPU)."""
+    return torch.compile(contrast.dola_select_layer, dynamic=True)
+
+
 @torch.inference_mode()
 def score_ids(
     model: Transformer,
@@ -273,11 +281,13 @@ def score_ids(
     configs: list[ScoreConfig],
     exit_weights: dict[int, Tensor] | None = None,
     amateur: Transformer | None = None,
+    prefix_cache: dict | None = None,
 ) -> list[list[float]]:
     """Sum of each continuation's per-token log-scores after its prompt, for every config: [config][row].
 
     Rows are right-padded (real tokens never see the padding, so no mask is needed), and the prompts'
-    longest shared token prefix (e.g. a few-shot demo) runs once and is copied into every row's cache."""
+    longest shared token prefix (e.g. a few-shot demo) runs once and is copied into every row's cache;
+    `prefix_cache` keeps that prefix's K/V per model across calls (the last prefix only)."""
     device = model.output.weight.device
     shared = min(len(p) for p in prompts) - 1
     for p in prompts:
@@ -295,11 +305,17 @@ def score_ids(
     for m in (model, amateur):
         if m is None:
             continue
-        if shared:
+        key = (id(m), tuple(prefix))
+        saved = (prefix_cache or {}).get(key)
+        if shared and saved is None:
             m.setup_caches(1, S)
             m(torch.tensor([prefix], device=device), torch.arange(shared, device=device), pad[:1])
             saved = [(blk.attention.kv_cache.k[:, :, :shared].clone(), blk.attention.kv_cache.v[:, :, :shared].clone())
                      for blk in m.layers]
+            if prefix_cache is not None:
+                for old in [k for k in prefix_cache if k[0] == id(m)]:
+                    del prefix_cache[old]
+                prefix_cache[key] = saved
         m.setup_caches(B, S)
         if shared:
             for blk, (k, v) in zip(m.layers, saved):

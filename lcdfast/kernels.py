@@ -1,0 +1,72 @@
+"""The optional fused masked contrast op (csrc/, DESIGN.md §4.3), built on demand by torch's JIT extension loader.
+
+Off unless LCDFAST_CSRC=1 (built when this module is imported) or `enable()` is called: then csrc/ is compiled
+once, cached in torch's extensions dir (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), and
+`contrast.amateur_logits_at` calls `torch.ops.lcdfast.masked_logits` instead of its torch reference. The CUDA
+kernel is built only with a CUDA torch and nvcc. Any failure (no compiler, no ninja, a build error) says so in one
+line on stderr and leaves the reference in use; nothing here raises. Building needs ninja (`pip install ninja`).
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+_enabled = os.environ.get("LCDFAST_CSRC") == "1"
+_devices: frozenset[str] | None = None  # device types the loaded op serves; None until a build is tried
+
+
+def enable() -> bool:
+    """Build (once) and use the fused op from now on. False, after one line on stderr, if it can't be built."""
+    global _enabled
+    _enabled = True
+    return load_masked_logits()
+
+
+def load_masked_logits() -> bool:
+    """If enabled, build and load the op, once per process (later builds are cached on disk). Never raises."""
+    global _devices
+    if _devices is None and _enabled:
+        try:
+            _devices = _build()
+        except Exception as e:  # compiler, ninja or build errors alike: fall back to the reference
+            lines = str(e).strip().splitlines() or [""]
+            why = next((line for line in lines if "error:" in line), lines[0]).strip()[:200]
+            print(f"lcdfast: csrc kernel not built ({type(e).__name__}: {why}); using the torch reference",
+                  file=sys.stderr)
+            _devices = frozenset()
+    return bool(_devices)
+
+
+def masked_logits_on(device: torch.device) -> bool:
+    """Whether contrast.amateur_logits_at should call the fused op for tensors on `device`."""
+    return _enabled and _devices is not None and device.type in _devices
+
+
+def _build() -> frozenset[str]:
+    from torch.utils import cpp_extension
+
+    bin_dir = os.path.dirname(sys.executable)  # where `pip install ninja` puts it, even if the venv isn't active
+    if shutil.which("ninja") is None and shutil.which("ninja", path=bin_dir):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    sources, devices = [str(CSRC / "masked_contrast.cpp")], {"cpu"}
+    cuda_home = cpp_extension.CUDA_HOME
+    if torch.cuda.is_available() and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        sources.append(str(CSRC / "masked_contrast_cuda.cu"))
+        devices.add("cuda")
+    cpp_extension.load(name="lcdfast_csrc", sources=sources, extra_cflags=["-O3"], is_python_module=False)
+    torch.library.register_fake("lcdfast::masked_logits", _masked_logits_fake)
+    return frozenset(devices)
+
+
+def _masked_logits_fake(hidden: Tensor, head: Tensor, ids: Tensor) -> Tensor:
+    """Shapes only, for torch.compile: [B, E], [nb, E, Vb], [B, K] -> [B, K] float32."""
+    return hidden.new_empty(ids.shape, dtype=torch.float32)
+
+
+load_masked_logits()  # builds only under LCDFAST_CSRC=1
