@@ -443,7 +443,9 @@ def eval_open_ended(engine, prompts_path: str | Path, out_dir: str | Path, metho
         seconds, new_tokens = sum(r["seconds"] for r in recs), sum(r["new_tokens"] for r in recs)
         rows[name] = {**row, "new_tokens": new_tokens / len(recs), "seconds": seconds,
                       "tokens/s": new_tokens / seconds if seconds > 0 else None, "options": opts}
-    return _finish("open-ended", prompts_path, out_dir, len(items), rows, notes)
+    summary = _finish("open-ended", prompts_path, out_dir, len(items), rows, notes)
+    plot_open_ended(summary, Path(out_dir) / f"{Path(prompts_path).stem}.png")
+    return summary
 
 
 def _eval_choices(engine, task: str, data: str | Path, out_dir: str | Path, methods, items: list[dict],
@@ -451,7 +453,9 @@ def _eval_choices(engine, task: str, data: str | Path, out_dir: str | Path, meth
     """Score each item's `choices` (as " " + choice) after its `prompt` under every method at once (one
     forward pass per batch, see Engine.score_methods); `judge(item, scores)` -> record fields.
 
-    One resumable file holds all methods' records: out_dir/<data stem>-scores.jsonl."""
+    One item per batch, so its prompt (few-shot demo + question) is a shared prefix: the demo's K/V is cached
+    across items and the question computed once for all its choices. One resumable file holds all methods'
+    records: out_dir/<data stem>-scores.jsonl."""
     opts = {spec.name: task_options(spec, task, scoring=True) for spec in methods}
 
     def work(batch: list[dict]) -> list[dict]:
@@ -466,8 +470,7 @@ def _eval_choices(engine, task: str, data: str | Path, out_dir: str | Path, meth
                 rec["methods"][name] = {"scores": mine, **judge(it, mine)}
         return records
 
-    recs = run_resumable(_out_file(out_dir, data, "scores"), items, {"options": opts}, work,
-                         max(1, batch_size // 2), task)
+    recs = run_resumable(_out_file(out_dir, data, "scores"), items, {"options": opts}, work, 1, task)
     return {name: (o, [{"id": r["id"], **r["methods"][name]} for r in recs]) for name, o in opts.items()}
 
 
@@ -533,6 +536,38 @@ def report(summary: dict, out_dir: str | Path | None = None) -> None:
             raise LcdError(f"{path}: not valid JSON (delete it to start over)") from None
         stored[Path(summary["data"]).stem] = summary
         path.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
+
+
+def plot_open_ended(summary: dict, path: str | Path) -> bool:
+    """rep-4, diversity and coherence per ACD amateur layer, with greedy, top-p and DoLa as reference lines.
+
+    Written as a PNG when matplotlib is installed (the `eval` extra); returns whether it was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = summary["methods"]
+    acd = sorted((int(name.split(":")[1].split("/")[0]), row) for name, row in rows.items()
+                 if name.startswith("acd:"))
+    metrics = [m for m in ("rep-4", "diversity", "coherence") if any(r.get(m) is not None for r in rows.values())]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        if acd:
+            ax.plot([j for j, _ in acd], [r[metric] for _, r in acd], "o-", color="C0", label="ACD (amateur layer)")
+        for k, (name, row) in enumerate((n, r) for n, r in rows.items() if not n.startswith("acd:")):
+            if row.get(metric) is not None:
+                ax.axhline(row[metric], color=f"C{k + 1}", linestyle="--", linewidth=1, label=name)
+        ax.set_title(metric)
+        ax.set_xlabel("ACD amateur layer")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{Path(summary['data']).name}: {summary['items']} prompts", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 # ---- command line (`lcdfast eval ...`) -----------------------------------------------------------------------

@@ -266,6 +266,42 @@ def method_log_scores(
     return scores
 
 
+def prefix_kv(model: Transformer, prefix: list[int], S: int, cache: dict) -> list[tuple[Tensor, Tensor]]:
+    """K/V [1, K, P, D] per layer of a token prefix, reusing the longest common start of a cached one.
+
+    `cache` maps (model id, prefix tokens) -> K/V and keeps the two most recent per model. Attention is
+    causal, so a cached prefix's K/V is valid up to where its tokens first differ: a few-shot demo is
+    computed once and each question after it only from where it starts."""
+    device = model.output.weight.device
+
+    def shared_start(tokens: tuple) -> int:
+        n = 0
+        while n < min(len(tokens), len(prefix)) and tokens[n] == prefix[n]:
+            n += 1
+        return n
+
+    mine = [key for key in cache if key[0] == id(model)]
+    base = max(mine, key=lambda key: shared_start(key[1]), default=None)
+    start = 0 if base is None else min(shared_start(base[1]), len(prefix) - 1)
+    model.setup_caches(1, S)
+    if start > 0:
+        for blk, (k, v) in zip(model.layers, cache[base]):
+            blk.attention.kv_cache.k[:, :, :start] = k[:, :, :start]
+            blk.attention.kv_cache.v[:, :, :start] = v[:, :, :start]
+    P = len(prefix)
+    if start < P:
+        model(torch.tensor([prefix[start:]], device=device), torch.arange(start, P, device=device),
+              torch.zeros(1, dtype=torch.long, device=device))
+    saved = [(blk.attention.kv_cache.k[:, :, :P].clone(), blk.attention.kv_cache.v[:, :, :P].clone())
+             for blk in model.layers]
+    key = (id(model), tuple(prefix))
+    cache.pop(key, None)
+    cache[key] = saved
+    for old in [key for key in cache if key[0] == id(model)][:-2]:
+        del cache[old]
+    return saved
+
+
 @functools.cache
 def select_layer_fused() -> Callable:
     """dola_select_layer compiled for any shape: scoring runs it on [L, M, V] with M in the hundreds, where
@@ -305,17 +341,7 @@ def score_ids(
     for m in (model, amateur):
         if m is None:
             continue
-        key = (id(m), tuple(prefix))
-        saved = (prefix_cache or {}).get(key)
-        if shared and saved is None:
-            m.setup_caches(1, S)
-            m(torch.tensor([prefix], device=device), torch.arange(shared, device=device), pad[:1])
-            saved = [(blk.attention.kv_cache.k[:, :, :shared].clone(), blk.attention.kv_cache.v[:, :, :shared].clone())
-                     for blk in m.layers]
-            if prefix_cache is not None:
-                for old in [k for k in prefix_cache if k[0] == id(m)]:
-                    del prefix_cache[old]
-                prefix_cache[key] = saved
+        saved = prefix_kv(m, prefix, S, prefix_cache if prefix_cache is not None else {}) if shared else None
         m.setup_caches(B, S)
         if shared:
             for blk, (k, v) in zip(m.layers, saved):

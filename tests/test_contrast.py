@@ -195,3 +195,19 @@ def test_dola_scores_match_dola_script(relative_top, post_softmax, tiny_dir):
             diff = torch.where(logp < logp.max() + math.log(relative_top), -1000.0, diff)
         total += diff[token].item()
     assert abs(ours - total) < 1e-3, (ours, total)
+
+
+def test_prefix_cache_extends_a_cached_demo(tiny_dir):
+    model = load_model(tiny_dir("llama-untied")[0])
+    demo, cache = [20, 21, 22, 23, 24, 25], {}
+    configs = [ScoreConfig(), ScoreConfig("dola", (0, 2), False)]
+    for question in ([40, 41], [42, 43, 44], [40, 41]):  # demo cached once, each question computed on top of it
+        prompts, conts = [demo + question] * 2, [[11, 12], [13]]
+        cached = score_ids(model, prompts, conts, configs, prefix_cache=cache)
+        fresh = score_ids(model, prompts, conts, configs)
+        assert all(abs(a - b) < 1e-4 for x, y in zip(cached, fresh) for a, b in zip(x, y))
+        assert len(cache) <= 2 and any(list(k[1]) == demo + question[:-1] for k in cache)
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    score_ids(model, [demo + [46, 47]] * 2, [[11], [12]], configs, prefix_cache=cache)
+    assert calls[0] == 1  # only the new question token; the demo came from the cache
