@@ -120,7 +120,7 @@ def time_lcdfast(engine, prompts, options, new_tokens, repeats) -> dict:
 
 @torch.inference_mode()
 def time_transformers(hf, tok, prompts, options, new_tokens, repeats) -> dict:
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     kwargs = dict(pad_token_id=tok.pad_token_id, eos_token_id=None, **options)
     torch.manual_seed(0)
     hf.generate(**enc, max_new_tokens=4, **kwargs)  # warm-up

@@ -216,7 +216,8 @@ class Engine:
         with torch.inference_mode():
             out, reasons, layers, stats = generate_ids(
                 self.model, encoded, dc, max_new_tokens, self.eos_ids, seed, self.amateur,
-                self._exit_weights(dc.exit_layers), self._step, on_tokens)
+                self._exit_weights(dc.exit_layers), self._step,
+                on_tokens if stream is not None or stop else None)  # no per-token decoding unless needed
         seconds = time.perf_counter() - t0
         if stream is not None:
             for i, decoder in enumerate(decoders):
