@@ -112,22 +112,10 @@ def decode_step(
 ) -> tuple[Tensor, Tensor]:
     """One token for every row: forward through the caches, heads, contrast, penalties, choice.
 
-    token [B, 1], slot [1], pad [B], seen [B, V] -> next token [B], DoLa candidate index [B]."""
+    token [B, T], slots [T], pad [B], seen [B, V] -> next token [B], DoLa candidate index [B]. T = 1 when
+    decoding; generate_ids also runs the prompt through it (eager) as the prefill."""
     final, exits = model(token, slot, pad, dc.exit_layers)
     amateur_logits = amateur.output(amateur(token, slot, pad)[0][:, -1]) if amateur is not None else None
-    scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
-                                     amateur_logits, exit_weights, dc)
-    return pick_token(scores, seen, uniform, dc), chosen
-
-
-def prefill(
-    model: Transformer, amateur: Transformer | None, exit_weights: Tensor | None, tokens: Tensor, pad: Tensor,
-    seen: Tensor, uniform: Tensor | None, dc: DecodeConfig,
-) -> tuple[Tensor, Tensor]:
-    """The whole left-padded prompt [B, T] into the caches, and the first new token [B]."""
-    slots = torch.arange(tokens.shape[1], device=tokens.device)
-    final, exits = model(tokens, slots, pad, dc.exit_layers)
-    amateur_logits = amateur.output(amateur(tokens, slots, pad)[0][:, -1]) if amateur is not None else None
     scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
                                      amateur_logits, exit_weights, dc)
     return pick_token(scores, seen, uniform, dc), chosen
@@ -189,7 +177,9 @@ def generate_ids(
     reasons = ["length"] * B
     live = [True] * B
     t0 = time.perf_counter()
-    token, chosen = prefill(model, amateur, exit_weights, tokens, pad, seen, noise(), dc)
+    # prefill: the whole left-padded prompt [B, T] through the same (eager) step, then one token at a time
+    token, chosen = decode_step(model, amateur, exit_weights, tokens, torch.arange(T, device=device), pad, seen,
+                                noise(), dc)
     t_prefill = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps = 0
