@@ -1,6 +1,6 @@
 // CUDA impl of lcdfast::masked_logits (defined in masked_contrast.cpp): one warp per (b, k) reduces over E.
 //
-//   out[b, k] = sum_e hidden[b, e] * head[ids[b, k] / Vb, e, ids[b, k] % Vb]     -> [B, K] float32
+//   out[b, k] = sum_e hidden[b, e] * head[ids[b, k], e]     -> [B, K] float32
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,7 +24,7 @@ constexpr int kWarpsPerBlock = 8;
 template <typename scalar_t>
 __global__ void masked_logits_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restrict__ head,
                                      const int64_t* __restrict__ ids, float* __restrict__ out, int64_t rows,
-                                     int64_t K, int64_t E, int64_t Vb, int64_t V) {
+                                     int64_t K, int64_t E, int64_t V) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;  // b * K + k
@@ -32,10 +32,10 @@ __global__ void masked_logits_kernel(const scalar_t* __restrict__ hidden, const 
   const int64_t id = ids[i];
   CUDA_KERNEL_ASSERT(id >= 0 && id < V);
   const scalar_t* row = hidden + (i / K) * E;                 // hidden[b, :]
-  const scalar_t* col = head + (id / Vb) * E * Vb + id % Vb;  // head[id / Vb, :, id % Vb], stride Vb
+  const scalar_t* col = head + id * E;       // head[id, :]
   acc_t acc = 0;
   for (int64_t e = lane; e < E; e += kWarpSize) {
-    acc += static_cast<acc_t>(row[e]) * static_cast<acc_t>(col[e * Vb]);
+    acc += static_cast<acc_t>(row[e]) * static_cast<acc_t>(col[e]);
   }
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     acc += __shfl_down_sync(0xffffffffu, acc, offset);
@@ -47,7 +47,7 @@ at::Tensor masked_logits_cuda(const at::Tensor& hidden, const at::Tensor& head, 
   lcdfast::check_masked_logits_inputs(hidden, head, ids);
   const c10::cuda::CUDAGuard guard(head.device());
   const at::Tensor h = hidden.contiguous(), w = head.contiguous(), t = ids.contiguous();
-  const int64_t B = t.size(0), K = t.size(1), E = w.size(1), Vb = w.size(2), V = w.size(0) * Vb;
+  const int64_t B = t.size(0), K = t.size(1), V = w.size(0), E = w.size(1);
   at::Tensor out = at::empty({B, K}, hidden.options().dtype(at::kFloat));
   const int64_t rows = B * K;
   if (rows == 0) return out;
@@ -56,7 +56,7 @@ at::Tensor masked_logits_cuda(const at::Tensor& hidden, const at::Tensor& head, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "masked_logits_cuda", [&] {
     masked_logits_kernel<scalar_t><<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
         h.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
-        out.data_ptr<float>(), rows, K, E, Vb, V);
+        out.data_ptr<float>(), rows, K, E, V);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -14,7 +14,7 @@ from torch import Tensor
 from .checkpoint import load_model
 from .errors import LcdError
 from .generate import METHODS, DecodeConfig, Generation, ScoreConfig, decode_step, generate_ids, score_ids
-from .model import Head, Transformer
+from .model import Transformer, linear
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -43,9 +43,7 @@ def dola_candidates(dola_layers: str | list[int] | tuple[int, ...], n_layers: in
 
 
 def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
-    """Trained per-layer exit heads from safetensors: keys `...lm_head_<i>.weight`, each [V, E].
-
-    Returned packed like the model's own head (model.Head)."""
+    """Trained per-layer exit heads from safetensors: keys `...lm_head_<i>.weight`, each [V, E] like the model's."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, FileNotFoundError) as e:
@@ -62,7 +60,7 @@ def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
             raise LcdError(f"{path}: head '{key}' is for layer {layer}, model has layers 0..{cfg.n_layers}")
         if tuple(tensor.shape) != want:
             raise LcdError(f"{path}: head '{key}' has shape {tuple(tensor.shape)}, expected {want}")
-        heads[layer] = Head.pack(tensor.t().to(dtype=ref.dtype, device=ref.device), ref.shape[-1])
+        heads[layer] = tensor.to(dtype=ref.dtype, device=ref.device).contiguous()
     if not heads:
         raise LcdError(f"{path}: no tensors named 'lm_head_<layer>.weight'")
     return heads
@@ -303,8 +301,7 @@ class Engine:
             else:
                 w = self._exit_weights((j,))
                 hidden = self.model.exit_hidden(exits[k], exit_norm)
-                vocab = self.model.config.vocab_size
-                out.append((self.model.output(hidden) if w is None else Head.project(w[0], hidden, vocab)).float())
+                out.append(linear(hidden, self.model.output.weight if w is None else w[0]).float())
         return torch.stack(out)
 
     def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,

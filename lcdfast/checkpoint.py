@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import LcdError
-from .model import Head, ModelConfig, Transformer
+from .model import ModelConfig, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,8 +116,8 @@ def read_config(model_dir: str | Path) -> ModelConfig:
         raise LcdError(f"{path}: bad value ({e})") from None
 
 
-# Per family: our parameter name -> (checkpoint names concatenated along dim 0, is an nn.Linear weight).
-# nn.Linear weights [out, in] are transposed to our [in, out]; GPT-2's Conv1D weights already are [in, out].
+# Per family: our parameter name -> (checkpoint names concatenated along dim 0, stored [in, out]).
+# Our Linear weights are [out, in] like nn.Linear's; GPT-2's Conv1D weights are [in, out] and get transposed.
 def gpt2_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
     names = {"tok_embeddings.weight": (["wte.weight"], False), "pos_embeddings.weight": (["wpe.weight"], False)}
     # GPT-2's head is always tied to wte
@@ -126,10 +126,11 @@ def gpt2_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
         for part in ("weight", "bias"):
             names[ours + f"attention_norm.{part}"] = ([hf + f"ln_1.{part}"], False)
             names[ours + f"ffn_norm.{part}"] = ([hf + f"ln_2.{part}"], False)
-            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attn.c_attn.{part}"], False)
-            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.c_proj.{part}"], False)
-            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], False)
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], False)
+            conv1d = part == "weight"
+            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attn.c_attn.{part}"], conv1d)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.c_proj.{part}"], conv1d)
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], conv1d)
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], conv1d)
     names["norm.weight"], names["norm.bias"] = (["ln_f.weight"], False), (["ln_f.bias"], False)
     return names
 
@@ -138,8 +139,8 @@ def opt_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
     names = {"tok_embeddings.weight": (["embed_tokens.weight"], False),
              "pos_embeddings.weight": (["embed_positions.weight"], False)}
     if cfg.embed_dim != cfg.dim:
-        names["project_in.weight"] = (["project_in.weight"], True)
-        names["project_out.weight"] = (["project_out.weight"], True)
+        names["project_in.weight"] = (["project_in.weight"], False)
+        names["project_out.weight"] = (["project_out.weight"], False)
     parts = ("weight", "bias")
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"layers.{i}."
@@ -148,11 +149,11 @@ def opt_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
             names[ours + f"ffn_norm.{part}"] = ([hf + f"final_layer_norm.{part}"], False)
         for part in parts if cfg.attn_bias else parts[:1]:
             qkv = [hf + f"self_attn.{p}_proj.{part}" for p in "qkv"]
-            names[ours + f"attention.wqkv.{part}"] = (qkv, part == "weight")
-            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.out_proj.{part}"], part == "weight")
+            names[ours + f"attention.wqkv.{part}"] = (qkv, False)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.out_proj.{part}"], False)
         for part in parts if cfg.mlp_bias else parts[:1]:
-            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"fc1.{part}"], part == "weight")
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"fc2.{part}"], part == "weight")
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"fc1.{part}"], False)
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"fc2.{part}"], False)
     if cfg.final_norm:
         names["norm.weight"] = (["final_layer_norm.weight"], False)
         names["norm.bias"] = (["final_layer_norm.bias"], False)
@@ -167,12 +168,12 @@ def llama_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
         names[ours + "ffn_norm.weight"] = ([hf + "post_attention_layernorm.weight"], False)
         for part in ("weight", "bias") if cfg.attn_bias else ("weight",):
             qkv = [hf + f"self_attn.{p}_proj.{part}" for p in "qkv"]
-            names[ours + f"attention.wqkv.{part}"] = (qkv, part == "weight")
-            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.o_proj.{part}"], part == "weight")
+            names[ours + f"attention.wqkv.{part}"] = (qkv, False)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.o_proj.{part}"], False)
         for part in ("weight", "bias") if cfg.mlp_bias else ("weight",):
             gate_up = [hf + f"mlp.gate_proj.{part}", hf + f"mlp.up_proj.{part}"]
-            names[ours + f"feed_forward.w13.{part}"] = (gate_up, part == "weight")
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.down_proj.{part}"], part == "weight")
+            names[ours + f"feed_forward.w13.{part}"] = (gate_up, False)
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.down_proj.{part}"], False)
     return names
 
 
@@ -214,7 +215,6 @@ def load_model(
     """Build a Transformer on the meta device and fill it from the checkpoint, strictly."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    cfg.head_block = 0 if str(device).startswith("cuda") else cfg.head_block
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise LcdError(f"--dtype: '{dtype}' unsupported (expected one of {', '.join(DTYPES)})")
@@ -226,7 +226,7 @@ def load_model(
     expected = model.state_dict()
     expected.setdefault("tok_embeddings.weight", torch.empty(cfg.vocab_size, cfg.embed_dim, device="meta"))
     state = {}
-    for ours, (hf_names, linear) in NAME_TABLES[cfg.family](cfg).items():
+    for ours, (hf_names, conv1d) in NAME_TABLES[cfg.family](cfg).items():
         parts = []
         for hf_name in hf_names:
             key = prefix + hf_name
@@ -239,14 +239,14 @@ def load_model(
                 raise LcdError(f"{path}: cannot read tensor '{key}' ({e})") from None
             parts.append(tensor)
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-        tensor = tensor.t() if linear else tensor
+        tensor = tensor.t() if conv1d else tensor
         if tensor.shape != expected[ours].shape:
-            seen, want = (tensor.t(), expected[ours].t()) if linear else (tensor, expected[ours])
+            seen, want = (tensor.t(), expected[ours].t()) if conv1d else (tensor, expected[ours])
             raise LcdError(f"{model_dir}: tensor '{prefix + hf_names[0]}' has shape {tuple(seen.shape)}, "
                            f"expected {tuple(want.shape)} from config.json")
         state[ours] = tensor.to(device=device, dtype=dtype).contiguous()
     head = "lm_head.weight"
-    if cfg.tie_embeddings:  # one storage: the head, whose columns are the embedding table's rows
+    if cfg.tie_embeddings:  # one storage: the head [V, E] is the embedding table
         weight = state.pop("tok_embeddings.weight")
     elif head not in tensors:
         raise LcdError(f"{model_dir}: missing tensor '{head}' (config says tie_word_embeddings=false)")
@@ -255,6 +255,6 @@ def load_model(
         if weight.shape != (cfg.vocab_size, cfg.embed_dim):
             raise LcdError(f"{model_dir}: tensor '{head}' has shape {tuple(weight.shape)}, "
                            f"expected {(cfg.vocab_size, cfg.embed_dim)}")
-    state["output.weight"] = Head.pack(weight.to(device=device, dtype=dtype).t(), cfg.head_block)
+    state["output.weight"] = weight.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

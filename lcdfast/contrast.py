@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import masked_logits_on
-from .model import Head
+from .model import linear
 
 
 def plausible_mask(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int = 1) -> Tensor:
@@ -36,11 +36,11 @@ def acd_log_probs(
 
 
 def amateur_logits_at(hidden: Tensor, head: Tensor, token_ids: Tensor) -> Tensor:
-    """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E] and a
-    packed head weight [nb, E, Vb]. Reads K columns of the head instead of all V. The fused op returns float32."""
+    """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E] and a head
+    weight [V, E]. Reads K rows of the head instead of all V. The fused op returns float32."""
     if masked_logits_on(hidden.device):  # csrc/, when built (kernels.py)
         return torch.ops.lcdfast.masked_logits(hidden, head, token_ids)
-    return torch.einsum("be,bke->bk", hidden, Head.gather(head, token_ids))
+    return torch.einsum("be,bke->bk", hidden, head[token_ids])
 
 
 def acd_log_probs_masked(
@@ -48,7 +48,7 @@ def acd_log_probs_masked(
     candidates: int = 64,
 ) -> Tensor:
     """acd_log_probs with the amateur's logits computed only on V_head (DESIGN.md §4.3). [B, V].
-    `head` is a packed head weight [nb, E, Vb] (model.Head).
+    `head` is an LM head weight [V, E].
 
     V_head is a prefix of the expert's ranking, so when it fits in the top `candidates` tokens those are
     all the amateur must score; when any row's V_head is larger, the full projection runs instead (exact)."""
@@ -67,15 +67,19 @@ def acd_log_probs_masked(
 
     def on_vocab(expert_logp: Tensor, amateur_hidden: Tensor, head: Tensor, threshold: Tensor) -> Tensor:
         mask = expert_logp >= threshold
-        amateur_logits = Head.project(head, amateur_hidden, expert_logp.shape[-1]).float()
+        amateur_logits = linear(amateur_hidden, head).float()
         contrast = torch.where(mask, expert_logp - amateur_logits, -math.inf)
         head_mass = torch.where(mask, expert_logp, -math.inf).logsumexp(-1, keepdim=True)
         return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)
 
     if candidates >= expert_logp.shape[-1]:
         return on_vocab(expert_logp, amateur_hidden, head, threshold)
-    return torch.cond(head_size.max() > candidates, on_vocab, on_candidates,
-                      (expert_logp, amateur_hidden, head, threshold))
+    operands = (expert_logp, amateur_hidden, head, threshold)
+    if torch.compiler.is_compiling():  # inductor (torch 2.13) may lay out cond's operands in an order the branch
+        from torch._inductor import inductor_prims  # graphs don't expect: pin them to the strides they do
+
+        operands = tuple(inductor_prims.force_stride_order(t, t.stride()) for t in operands)
+    return torch.cond(head_size.max() > candidates, on_vocab, on_candidates, operands)
 
 
 def js_divergence(final_logits: Tensor, layer_logits: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import contrast
-from .model import Head, Transformer
+from .model import Transformer, linear
 
 METHODS = ("greedy", "sample", "acd", "dola", "cd")
 
@@ -56,12 +56,11 @@ class Generation:
 def exit_logits(model: Transformer, exits: Tensor, use_norm: bool, exit_weights: Tensor | None) -> Tensor:
     """Early-exit logits for stacked residual streams [L, B, C] -> [L, B, V] in one projection.
 
-    `exit_weights` [L, nb, E, Vb] are trained per-layer heads, packed; None: the model's own head for all."""
+    `exit_weights` [L, V, E] are trained per-layer heads; None: the model's own head for all."""
     hidden = model.exit_hidden(exits, use_norm)  # [L, B, E]
     if exit_weights is None:
         return model.output(hidden).float()
-    V = model.config.vocab_size
-    return torch.stack([Head.project(w, h, V) for w, h in zip(exit_weights, hidden)]).float()
+    return torch.stack([linear(h, w) for w, h in zip(exit_weights, hidden)]).float()
 
 
 def contrast_scores(
@@ -83,7 +82,7 @@ def contrast_scores(
                                   dc.min_tokens_to_keep), chosen
     if dc.method == "acd" and dc.head_candidates > 0:
         hidden = model.exit_hidden(exits[0], dc.exit_norm)  # [B, E]
-        head = model.output.weight if exit_weights is None else exit_weights[0]  # packed [nb, E, Vb]
+        head = model.output.weight if exit_weights is None else exit_weights[0]  # [V, E]
         return contrast.acd_log_probs_masked(expert, hidden, head, dc.alpha, dc.min_tokens_to_keep,
                                              dc.head_candidates), chosen
     if dc.method == "acd" or exit_weights is not None:

@@ -65,7 +65,7 @@ def _build() -> frozenset[str]:
 
 
 def _masked_logits_fake(hidden: Tensor, head: Tensor, ids: Tensor) -> Tensor:
-    """Shapes only, for torch.compile: [B, E], [nb, E, Vb], [B, K] -> [B, K] float32."""
+    """Shapes only, for torch.compile: [B, E], [V, E], [B, K] -> [B, K] float32."""
     return hidden.new_empty(ids.shape, dtype=torch.float32)
 
 

@@ -11,7 +11,6 @@ from lcdfast.api import dola_candidates
 from lcdfast.checkpoint import load_model
 from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, cd_scores, plausible_mask
 from lcdfast.generate import DecodeConfig, ScoreConfig, generate_ids, score_ids
-from lcdfast.model import Head
 
 
 def acd_reference(expert: torch.Tensor, amateur: torch.Tensor, alpha: float, keep: int) -> torch.Tensor:
@@ -156,12 +155,12 @@ def test_scores_are_log_likelihoods(tiny_dir):
 def test_masked_contrast_op_is_exact(case):
     torch.manual_seed(7)
     E, V = 32, 500
-    head, hidden = torch.randn(E, V), torch.randn(3, E)
+    head, hidden = torch.randn(V, E), torch.randn(3, E)
     expert = torch.randn(3, V) * (0.2 if case == "flat" else 5)
     if case == "mixed":  # one row's V_head overflows the candidates: the full path runs for the batch
         expert[1] *= 0.04
-    ref = acd_log_probs(expert, hidden @ head, 0.1)
-    ours = acd_log_probs_masked(expert, hidden, Head.pack(head, 64), 0.1, 1, candidates=16)
+    ref = acd_log_probs(expert, hidden @ head.T, 0.1)
+    ours = acd_log_probs_masked(expert, hidden, head, 0.1, 1, candidates=16)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
     heads = plausible_mask(expert.log_softmax(-1), 0.1).sum(-1)
     assert (heads.max() > 16) == (case != "peaked")
