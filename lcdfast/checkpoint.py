@@ -6,10 +6,12 @@ safetensors (never pickles), shape-checked, and assigned into a model built on t
 """
 
 import json
+import mmap
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import Tensor
 
 from .errors import LcdError
 from .model import ModelConfig, Transformer
@@ -256,5 +258,31 @@ def load_model(
             raise LcdError(f"{model_dir}: tensor '{head}' has shape {tuple(weight.shape)}, "
                            f"expected {(cfg.vocab_size, cfg.embed_dim)}")
     state["output.weight"] = weight.to(device=device, dtype=dtype).contiguous()
+    if torch.device(device).type == "cpu":
+        state = in_huge_pages(state)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+HUGE_PAGE = 2 << 20
+
+
+def in_huge_pages(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The same tensors copied into one anonymous mapping advised for transparent huge pages (Linux).
+
+    Decoding streams every weight once per token; on 4 KB pages those reads miss the TLB 512x as often and
+    ran 20-30% slower here until the kernel happened to collapse the pages itself. Without madvise (not
+    Linux), the tensors are returned as they are."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return tensors
+    sizes = {k: -(-t.numel() * t.element_size() // 64) * 64 for k, t in tensors.items()}  # 64-byte aligned
+    arena = mmap.mmap(-1, sum(sizes.values()) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena.madvise(mmap.MADV_HUGEPAGE)
+    memory = torch.frombuffer(arena, dtype=torch.uint8)  # keeps `arena` alive
+    offset = -memory.data_ptr() % HUGE_PAGE
+    out = {}
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        out[key] = memory[offset:offset + n].view(t.dtype).view(t.shape).copy_(t)
+        offset += sizes[key]
+    return out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import masked_logits_on
-from .model import linear
+from .model import linear, realized
 
 
 def plausible_mask(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int = 1) -> Tensor:
@@ -74,11 +74,8 @@ def acd_log_probs_masked(
 
     if candidates >= expert_logp.shape[-1]:
         return on_vocab(expert_logp, amateur_hidden, head, threshold)
-    operands = (expert_logp, amateur_hidden, head, threshold)
-    if torch.compiler.is_compiling():  # inductor (torch 2.13) may lay out cond's operands in an order the branch
-        from torch._inductor import inductor_prims  # graphs don't expect: pin them to the strides they do
-
-        operands = tuple(inductor_prims.force_stride_order(t, t.stride()) for t in operands)
+    # realized: inductor (torch 2.13) may lay out cond's operands in an order its branch graphs don't expect
+    operands = tuple(realized(t) for t in (expert_logp, amateur_hidden, head, threshold))
     return torch.cond(head_size.max() > candidates, on_vocab, on_candidates, operands)
 
 

@@ -112,6 +112,16 @@ class RMSNorm(nn.Module):
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def realized(t: Tensor) -> Tensor:
+    """Under torch.compile: `t` as a buffer inductor computes once with these strides, not an expression it
+    inlines into each consumer's loop or lays out its own way. Eager: `t` itself."""
+    if not torch.compiler.is_compiling():
+        return t
+    from torch._inductor import inductor_prims
+
+    return inductor_prims.force_stride_order(t, t.stride())
+
+
 GEMV_ROWS = 12  # compiled CPU products with at most this many rows run as fused reductions (see `linear`)
 
 
@@ -124,7 +134,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     bandwidth, where BLAS's gemv reaches about 60% of it (bench/: 15.5 vs 25.7 ms for SmolLM2's layers)."""
     rows = x.shape[:-1].numel()
     if x.device.type == "cpu" and rows <= GEMV_ROWS and torch.compiler.is_compiling():
-        y = (weight[:, None, :] * x.reshape(1, rows, -1)).sum(-1)  # [out, M]
+        x_rows = realized(x.reshape(1, rows, -1))  # else inductor recomputes x's producers per weight row
+        y = (weight[:, None, :] * x_rows).sum(-1)  # [out, M]
         y = y.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])  # row-major out, as F.linear's
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import TINY, VOCAB, build_tiny
 
-from lcdfast.checkpoint import load_model
+from lcdfast.checkpoint import HUGE_PAGE, in_huge_pages, load_model
 from lcdfast.contrast import sampling_log_probs
 from lcdfast.generate import DecodeConfig, generate_ids
 
@@ -112,3 +112,15 @@ def test_sampling_warpers_match_transformers():
         ours = sampling_log_probs(scores, temperature, k, p)
         assert torch.equal(torch.isinf(ours), torch.isinf(ref))
         assert torch.allclose(ours.exp(), ref.softmax(-1), atol=1e-6)
+
+
+def test_weights_moved_into_one_huge_page_arena():
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.bfloat16), "c": torch.randn(1000, 64)}
+    moved = in_huge_pages(tensors)
+    for key, t in tensors.items():
+        assert moved[key].dtype == t.dtype and torch.equal(moved[key], t)
+        assert moved[key].data_ptr() % 64 == 0 and moved[key].data_ptr() != t.data_ptr()
+    assert moved["a"].data_ptr() % HUGE_PAGE == 0  # the arena starts on a huge-page boundary
+    assert moved["c"].data_ptr() - moved["a"].data_ptr() < 2 * HUGE_PAGE  # one contiguous mapping
+    moved["a"] += 1  # writable, and no longer the original
+    assert not torch.equal(moved["a"], tensors["a"])
