@@ -145,10 +145,28 @@ def sampling_log_probs(scores: Tensor, temperature: float, top_k: int, top_p: fl
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -math.inf)
     if top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=False)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        remove_sorted = cumulative <= 1 - top_p
-        remove_sorted[..., -1] = False  # always keep the best token
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        scores = scores.masked_fill(remove, -math.inf)
+        probs = scores.softmax(-1)
+        top = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1).values  # [B, K], descending
+
+        def on_candidates(probs: Tensor, top: Tensor) -> Tensor:
+            return nucleus_threshold(top, top_p)
+
+        def on_vocab(probs: Tensor, top: Tensor) -> Tensor:
+            return nucleus_threshold(probs.sort(dim=-1, descending=True).values, top_p)
+
+        # the nucleus lies within the top K when their mass reaches top_p; else sort the whole vocabulary (exact)
+        fits = (top.cumsum(-1)[..., -1] >= top_p).all()
+        threshold = torch.cond(fits, on_candidates, on_vocab, (realized(probs), realized(top)))
+        scores = scores.masked_fill(probs < threshold, -math.inf)
     return scores.log_softmax(-1)
+
+
+TOP_P_CANDIDATES = 512  # SmolLM2 at temperature 0.8: 99% of top-0.95 nuclei hold <= 338 tokens
+
+
+def nucleus_threshold(probs_desc: Tensor, top_p: float) -> Tensor:
+    """Top-p's smallest kept probability [B, 1] from probabilities sorted descending [B, K]: the nucleus is the
+    shortest prefix whose mass reaches top_p (tokens tied with its last one are kept too)."""
+    ahead = probs_desc.cumsum(-1) - probs_desc  # mass strictly ahead of each token; 0 for the best
+    n_keep = (ahead < top_p).sum(-1, keepdim=True)  # >= 1
+    return probs_desc.gather(-1, n_keep - 1)

@@ -94,7 +94,9 @@ def test_low_precision_close_to_float32(dtype, tiny_dir):
     assert (outs[0] - outs[1]).abs().max() < 0.1 * outs[0].abs().max()
 
 
-def test_sampling_warpers_match_transformers():
+@pytest.mark.parametrize("vocab,spread", [(100, 3.0), (5000, 3.0), (5000, 0.1)])
+def test_sampling_warpers_match_transformers(vocab, spread):
+    """Also where the top-p nucleus outgrows the 512 candidates (5000 tokens, flat) and the full sort runs."""
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
         TopKLogitsWarper,
@@ -102,8 +104,8 @@ def test_sampling_warpers_match_transformers():
     )
 
     torch.manual_seed(4)
-    scores = torch.randn(3, 100) * 3
-    for temperature, k, p in [(0.7, 10, 1.0), (1.0, 0, 0.8), (1.3, 20, 0.5), (1.0, 0, 1.0)]:
+    scores = torch.randn(3, vocab) * spread
+    for temperature, k, p in [(0.7, 10, 1.0), (1.0, 0, 0.8), (1.3, 20, 0.5), (1.0, 0, 1.0), (0.8, 0, 0.95)]:
         ref = TemperatureLogitsWarper(temperature)(None, scores.clone())
         if k:
             ref = TopKLogitsWarper(k)(None, ref)
