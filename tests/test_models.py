@@ -1,5 +1,7 @@
 """Every family against transformers on the same random weights: hidden states, logits, greedy tokens."""
 
+import mmap
+
 import pytest
 import torch
 from conftest import TINY, VOCAB, build_tiny
@@ -116,6 +118,7 @@ def test_sampling_warpers_match_transformers(vocab, spread):
         assert torch.allclose(ours.exp(), ref.softmax(-1), atol=1e-6)
 
 
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="madvise(MADV_HUGEPAGE) is Linux-only")
 def test_weights_moved_into_one_huge_page_arena():
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.bfloat16), "c": torch.randn(1000, 64)}
     moved = in_huge_pages(tensors)
