@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lcdfast
+from lcdfast import kernels
 from lcdfast.checkpoint import DTYPES
 from lcdfast.model import Linear, linear
 
@@ -95,50 +96,48 @@ def best_ms(fn, repeats: int = 10) -> float:
 @torch.inference_mode()
 def matmul_chain_ms(model, batch: int) -> dict:
     """The bare matrix products of one decode step (every Linear incl. the LM head, same weights), best of 10:
-    through BLAS (eager F.linear) and through the compiled `linear` the decode step runs. The floor is the faster."""
+    through BLAS (F.linear) and through the compiled `linear` the decode step runs (inductor's reduction, or
+    csrc's skinny_linear when it is on and rows > 1). The floor is the faster."""
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
     xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def blas_chain() -> list:
+        return [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights]
 
     def chain() -> list:
         return [linear(xs[w.shape[1]], w) for w in weights]
 
-    blas, fused = best_ms(chain), best_ms(torch.compile(chain, fullgraph=True))
+    blas, fused = best_ms(blas_chain), best_ms(torch.compile(chain, fullgraph=True))
     return {"blas_chain_ms": blas, "compiled_chain_ms": fused, "matmul_floor_ms": min(blas, fused)}
 
 
-def time_lcdfast(engine, prompts, options, new_tokens, repeats) -> dict:
-    engine.generate(prompts, max_new_tokens=new_tokens, **options)  # warm-up (compiles on first use)
-    runs = []
-    for _ in range(repeats):
-        r = engine.generate(prompts, max_new_tokens=new_tokens, batch_size=len(prompts), **options)[0].stats
-        runs.append(r)
-    best = min(runs, key=lambda s: s["decode_seconds"] / max(s["decode_steps"], 1))
-    B, T = best["batch"], best["prompt_tokens"]
-    return {"prefill_tok_s": B * T / best["prefill_seconds"],
-            "decode_tok_s": B * best["decode_steps"] / best["decode_seconds"],
-            "decode_ms_per_step": 1000 * best["decode_seconds"] / best["decode_steps"],
-            "runs_ms_per_step": [1000 * s["decode_seconds"] / s["decode_steps"] for s in runs]}
+def lcdfast_run(engine, prompts, options, new_tokens) -> dict:
+    stats = engine.generate(prompts, max_new_tokens=new_tokens, batch_size=len(prompts), **options)[0].stats
+    B, T, steps = stats["batch"], stats["prompt_tokens"], max(stats["decode_steps"], 1)
+    return {"prefill_tok_s": B * T / stats["prefill_seconds"], "decode_tok_s": B * steps / stats["decode_seconds"],
+            "decode_ms_per_step": 1000 * stats["decode_seconds"] / steps}
 
 
 @torch.inference_mode()
-def time_transformers(hf, tok, prompts, options, new_tokens, repeats) -> dict:
+def transformers_run(hf, tok, prompts, options, new_tokens) -> dict:
+    """Prefill from a one-token generate, decode from the rest of a `new_tokens` one (EOS off)."""
     enc = tok(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     kwargs = dict(pad_token_id=tok.pad_token_id, eos_token_id=None, **options)
     torch.manual_seed(0)
-    hf.generate(**enc, max_new_tokens=4, **kwargs)  # warm-up
-    one, full = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        hf.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        one.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        hf.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        full.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    hf.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    hf.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    decode = max(time.perf_counter() - t - prefill, 1e-9) / max(new_tokens - 1, 1)
     B, T = enc.input_ids.shape
-    prefill, total = min(one), min(full)
-    decode = max(total - prefill, 1e-9) / (new_tokens - 1)
-    return {"prefill_tok_s": B * T / prefill, "decode_tok_s": B / decode, "decode_ms_per_step": 1000 * decode,
-            "runs_ms_per_step": [1000 * max(f - prefill, 1e-9) / (new_tokens - 1) for f in full]}
+    return {"prefill_tok_s": B * T / prefill, "decode_tok_s": B / decode, "decode_ms_per_step": 1000 * decode}
+
+
+def best_run(runs: list[dict]) -> dict:
+    """The fastest decode of the rounds, with every round's ms/step."""
+    best = min(runs, key=lambda r: r["decode_ms_per_step"])
+    return {**best, "runs_ms_per_step": [r["decode_ms_per_step"] for r in runs]}
 
 
 def load_transformers(model_dir: Path, dtype: torch.dtype):
@@ -153,7 +152,8 @@ def load_transformers(model_dir: Path, dtype: torch.dtype):
 
 
 def markdown(results: dict) -> str:
-    lines = []
+    lines = [f"torch {results['torch']}, {results['threads']} threads, {results['cpu_capability']}; csrc ops "
+             + ("on" if results["csrc"] else "off") + f"; {results['new_tokens']} new tokens"]
     for key, block in results["runs"].items():
         floors = block["floors"]
         lines.append(f"\n### {key}\n")
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-eager", action="store_true")
+    p.add_argument("--no-csrc", action="store_true", help="leave csrc/'s C++ ops off (default: build and use them)")
     args = p.parse_args(argv)
     if args.quick:
         args.dtypes, args.batches, args.new_tokens, args.methods, args.repeats = \
@@ -230,9 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         if m not in METHODS:
             sys.exit(f"bench: --methods: '{m}' unknown (expected {', '.join(METHODS)})")
     torch._dynamo.config.recompile_limit = 64
+    csrc = not args.no_csrc and kernels.enable()  # one line on stderr if they can't be built
     amateur_dir = truncated_amateur(model_dir, 6, Path(tempfile.mkdtemp())) if "cd" in methods else None
     results = {"model": str(model_dir), "new_tokens": args.new_tokens, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "copy_bandwidth_gb_s": copy_bandwidth() / 1e9, "runs": {}}
+               "threads": torch.get_num_threads(), "csrc": csrc,
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "copy_bandwidth_gb_s": copy_bandwidth() / 1e9, "runs": {}}
     for dtype in args.dtypes.split(","):
         engine = lcdfast.load(model_dir, dtype=dtype)
         if amateur_dir:
@@ -247,25 +251,28 @@ def main(argv: list[str] | None = None) -> None:
             floors = {"weight_mb": weight_bytes / 1e6,
                       "copy_floor_ms": 1000 * weight_bytes / (results["copy_bandwidth_gb_s"] * 1e9),
                       **matmul_chain_ms(engine.model, batch)}
-            rows, warmup = [], {}
+            # Compile every method first, then time in rounds that visit each (method, engine) once, so the
+            # drift of a shared machine's memory bandwidth spreads over all of them rather than a few.
+            steps, warmup, contenders = {}, {}, []
             for method in methods:
-                options = METHODS[method]
-                for engine_name in ("lcdfast compiled", "lcdfast eager"):
-                    if engine_name == "lcdfast eager" and args.no_eager:
-                        continue
-                    engine.compiled_step = None
-                    if engine_name == "lcdfast compiled":
-                        engine.enable_compile()
-                        t = time.perf_counter()
-                        engine.generate(prompts, max_new_tokens=2, batch_size=batch, **options)
-                        warmup[method] = time.perf_counter() - t
-                    print(f"{key} {method} {engine_name}...", file=sys.stderr, flush=True)
-                    row = time_lcdfast(engine, prompts, options, args.new_tokens, args.repeats)
-                    rows.append({"method": method, "engine": engine_name, **row})
-                if hf is not None and method in HF_METHODS:
-                    print(f"{key} {method} transformers...", file=sys.stderr, flush=True)
-                    row = time_transformers(hf, tok, prompts, HF_METHODS[method], args.new_tokens, args.repeats)
-                    rows.append({"method": method, "engine": "transformers", **row})
+                engine.enable_compile()
+                t = time.perf_counter()
+                engine.generate(prompts, max_new_tokens=2, batch_size=batch, **METHODS[method])
+                warmup[method], steps[method] = time.perf_counter() - t, engine.compiled_step
+                contenders += [(method, "lcdfast compiled")] + [(method, "lcdfast eager")] * (not args.no_eager)
+                contenders += [(method, "transformers")] * (hf is not None and method in HF_METHODS)
+            runs = {c: [] for c in contenders}
+            for r in range(args.repeats + 1):  # round 0 warms caches, the allocator and transformers' first call
+                print(f"{key}: round {r} of {args.repeats}", file=sys.stderr, flush=True)
+                for method, engine_name in contenders:
+                    if engine_name == "transformers":
+                        run = transformers_run(hf, tok, prompts, HF_METHODS[method], args.new_tokens if r else 8)
+                    else:
+                        engine.compiled_step = steps[method] if engine_name == "lcdfast compiled" else None
+                        run = lcdfast_run(engine, prompts, METHODS[method], args.new_tokens if r else 8)
+                    if r:
+                        runs[(method, engine_name)].append(run)
+            rows = [{"method": m, "engine": e, **best_run(runs[(m, e)])} for m, e in contenders]
             for row in rows:
                 ref = next((r for r in rows if r["engine"] == "transformers" and r["method"] == row["method"]), None)
                 greedy = next((r for r in rows if r["engine"] == row["engine"] and r["method"] == "greedy"), None)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import masked_logits_on
+from .kernels import csrc_on
 from .model import linear, realized
 
 
@@ -38,7 +38,7 @@ def acd_log_probs(
 def amateur_logits_at(hidden: Tensor, head: Tensor, token_ids: Tensor) -> Tensor:
     """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E] and a head
     weight [V, E]. Reads K rows of the head instead of all V. The fused op returns float32."""
-    if masked_logits_on(hidden.device):  # csrc/, when built (kernels.py)
+    if csrc_on(hidden.device):  # csrc/, when built (kernels.py)
         return torch.ops.lcdfast.masked_logits(hidden, head, token_ids)
     return torch.einsum("be,bke->bk", hidden, head[token_ids])
 

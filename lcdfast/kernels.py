@@ -1,10 +1,13 @@
-"""The optional fused masked contrast op (csrc/, DESIGN.md §4.3), built on demand by torch's JIT extension loader.
+"""The optional C++/CUDA ops (csrc/, DESIGN.md §4), built on demand by torch's JIT extension loader.
 
 Off unless LCDFAST_CSRC=1 (built when this module is imported) or `enable()` is called: then csrc/ is compiled
-once, cached in torch's extensions dir (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), and
-`contrast.amateur_logits_at` calls `torch.ops.lcdfast.masked_logits` instead of its torch reference. The CUDA
-kernel is built only with a CUDA torch and nvcc. Any failure (no compiler, no ninja, a build error) says so in one
-line on stderr and leaves the reference in use; nothing here raises. Building needs ninja (`pip install ninja`).
+once for this CPU, cached in torch's extensions dir (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), and
+- `contrast.amateur_logits_at` calls `torch.ops.lcdfast.masked_logits` (the masked contrast op, §4.3) instead of
+  its torch reference; the CUDA kernel is built only with a CUDA torch and nvcc;
+- `model.linear` on CPU calls `torch.ops.lcdfast.skinny_linear` for products of up to SKINNY_ROWS rows (decode
+  steps, DoLa's stacked exit heads) instead of BLAS or inductor's reduction (compiled single rows stay there).
+Any failure (no compiler, no ninja, a build error) says so in one line on stderr and leaves the torch path in use;
+nothing here raises. Building needs ninja (`pip install ninja`, in the dev and csrc extras).
 """
 
 import os
@@ -25,11 +28,11 @@ def enable() -> bool:
     """Build (once) and use the fused op from now on. False, after one line on stderr, if it can't be built."""
     global _enabled
     _enabled = True
-    return load_masked_logits()
+    return load()
 
 
-def load_masked_logits() -> bool:
-    """If enabled, build and load the op, once per process (later builds are cached on disk). Never raises."""
+def load() -> bool:
+    """If enabled, build and load the ops, once per process (later builds are cached on disk). Never raises."""
     global _devices
     if _devices is None and _enabled:
         try:
@@ -43,8 +46,8 @@ def load_masked_logits() -> bool:
     return bool(_devices)
 
 
-def masked_logits_on(device: torch.device) -> bool:
-    """Whether contrast.amateur_logits_at should call the fused op for tensors on `device`."""
+def csrc_on(device: torch.device) -> bool:
+    """Whether the built ops should be called for tensors on `device` (skinny_linear: CPU only)."""
     return _enabled and _devices is not None and device.type in _devices
 
 
@@ -54,13 +57,16 @@ def _build() -> frozenset[str]:
     bin_dir = os.path.dirname(sys.executable)  # where `pip install ninja` puts it, even if the venv isn't active
     if shutil.which("ninja") is None and shutil.which("ninja", path=bin_dir):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    sources, devices = [str(CSRC / "masked_contrast.cpp")], {"cpu"}
+    sources, devices = [str(CSRC / "masked_contrast.cpp"), str(CSRC / "skinny_linear.cpp")], {"cpu"}
     cuda_home = cpp_extension.CUDA_HOME
     if torch.cuda.is_available() and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         sources.append(str(CSRC / "masked_contrast_cuda.cu"))
         devices.add("cuda")
-    cpp_extension.load(name="lcdfast_csrc", sources=sources, extra_cflags=["-O3"], is_python_module=False)
+    # Built here for this CPU (-march=native: AVX-512 where it has it); OpenMP for ATen's parallel_for.
+    cpp_extension.load(name="lcdfast_csrc", sources=sources, extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False)
     torch.library.register_fake("lcdfast::masked_logits", _masked_logits_fake)
+    torch.library.register_fake("lcdfast::skinny_linear", _skinny_linear_fake)
     return frozenset(devices)
 
 
@@ -69,4 +75,9 @@ def _masked_logits_fake(hidden: Tensor, head: Tensor, ids: Tensor) -> Tensor:
     return hidden.new_empty(ids.shape, dtype=torch.float32)
 
 
-load_masked_logits()  # builds only under LCDFAST_CSRC=1
+def _skinny_linear_fake(x: Tensor, weight: Tensor) -> Tensor:
+    """[M, E], [N, E] -> [M, N] in x's dtype."""
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+load()  # builds only under LCDFAST_CSRC=1

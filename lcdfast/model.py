@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import csrc_on
+
 
 @dataclass
 class ModelConfig:
@@ -123,6 +125,7 @@ def realized(t: Tensor) -> Tensor:
 
 
 GEMV_ROWS = 12  # compiled CPU products with at most this many rows run as fused reductions (see `linear`)
+SKINNY_ROWS = 128  # CPU products with at most this many rows go to csrc's skinny_linear when it is built
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -131,9 +134,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Under torch.compile on CPU with few rows (decoding), the product is written as a reduction over `in` with
     the output laid out [out, M]: inductor turns it into one loop over the weight's rows that multiplies each
     row, while it sits in L1, by every input row. That streams the weights at close to the machine's read
-    bandwidth, where BLAS's gemv reaches about 60% of it (bench/: 15.5 vs 25.7 ms for SmolLM2's layers)."""
+    bandwidth, where BLAS's gemv reaches about 60% of it (bench/: 15.5 vs 25.7 ms for SmolLM2's layers). With
+    more than one row that reduction waits on FMA latency; csrc's skinny_linear (kernels.py), when built, blocks
+    weight rows by input rows in registers and takes the products of 2 to SKINNY_ROWS rows (and, eager, of one)."""
     rows = x.shape[:-1].numel()
-    if x.device.type == "cpu" and rows <= GEMV_ROWS and torch.compiler.is_compiling():
+    fused = x.device.type == "cpu" and torch.compiler.is_compiling()
+    if x.device.type == "cpu" and (rows > 1 or not fused) and rows <= SKINNY_ROWS and csrc_on(x.device):
+        y = torch.ops.lcdfast.skinny_linear(x.reshape(rows, -1), weight).reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    if fused and rows <= GEMV_ROWS:
         x_rows = realized(x.reshape(1, rows, -1))  # else inductor recomputes x's producers per weight row
         y = (weight[:, None, :] * x_rows).sum(-1)  # [out, M]
         y = y.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])  # row-major out, as F.linear's

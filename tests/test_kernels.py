@@ -1,5 +1,6 @@
-"""The optional fused masked contrast op (csrc/): against the torch reference and a float64 re-derivation, eager and
-under torch.compile; and nothing built unless asked for. Skipped when the kernel can't be built here."""
+"""The optional csrc/ ops, the masked contrast op and skinny_linear: against the torch reference and a float64
+re-derivation, eager and under torch.compile, in the model's decode step; and nothing built unless asked for.
+Skipped when the kernels can't be built here."""
 
 import contextlib
 import io
@@ -10,9 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VOCAB
 
 from lcdfast import kernels
+from lcdfast.checkpoint import load_model
 from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, amateur_logits_at
+from lcdfast.generate import DecodeConfig, decode_step, generate_ids
+from lcdfast.model import linear
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,6 +122,64 @@ def test_masked_acd_is_exact_with_op(op):
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
 
 
+# (M, N, E): one row and a few; N below, at and off the 3-row tile; E off the 8-lane vector; DoLa's 9 and 72 rows.
+SKINNY_SHAPES = [(1, 1, 5), (2, 2, 8), (1, 3, 16), (3, 7, 37), (5, 10, 64), (9, 500, 576), (4, 301, 33), (72, 50, 24)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,E", SKINNY_SHAPES)
+def test_skinny_linear_matches_float64(op, dtype, M, N, E):
+    g = torch.Generator().manual_seed(M * 1000 + N + E)
+    x, weight = torch.randn(M, E, generator=g).to(dtype), (torch.randn(N, E, generator=g) * E**-0.5).to(dtype)
+    ours = torch.ops.lcdfast.skinny_linear(x, weight)
+    assert ours.dtype == dtype and ours.shape == (M, N)
+    exact = x.double() @ weight.double().T  # of the rounded inputs: the op adds float32 sums' error, then rounds
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert first_diff(ours, exact, tolerance, tolerance) is None, first_diff(ours, exact, tolerance, tolerance)
+
+
+def test_skinny_linear_threads_and_bad_input(op):
+    x, weight = torch.randn(9, 576), torch.randn(3001, 576)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ours = torch.ops.lcdfast.skinny_linear(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert first_diff(ours, x.double() @ weight.double().T, 1e-4) is None
+    with pytest.raises(RuntimeError, match="differ in E"):
+        torch.ops.lcdfast.skinny_linear(x, weight[:, :100])
+    with pytest.raises(RuntimeError, match="but weight is"):
+        torch.ops.lcdfast.skinny_linear(x, weight.bfloat16())
+
+
+def test_linear_calls_skinny_with_few_rows(op):
+    x, weight, bias = torch.randn(2, 3, 40), torch.randn(30, 40), torch.randn(30)
+    ours = linear(x, weight, bias)
+    assert torch.equal(ours, torch.ops.lcdfast.skinny_linear(x.reshape(6, 40), weight).reshape(2, 3, 30) + bias)
+    assert torch.allclose(ours, torch.nn.functional.linear(x, weight, bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["greedy", "dola"])
+def test_decode_with_skinny_linear(op, name, tiny_dir):
+    """With the ops on: compiled equals eager token for token, and both pick what the torch path picks."""
+    model = load_model(tiny_dir("llama-untied")[0])
+    dc = DecodeConfig() if name == "greedy" else DecodeConfig(method="dola", exit_layers=(0, 2, 4), exit_norm=False)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9)]
+    eager, _, _, _ = generate_ids(model, prompts, dc, 24, [], seed=3)
+    torch.compiler.reset()
+    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled, _, _, _ = generate_ids(model, prompts, dc, 24, [], seed=3, step_fn=step)
+    assert compiled == eager
+    kernels._enabled = False
+    try:
+        reference, _, _, _ = generate_ids(model, prompts, dc, 24, [], seed=3)
+    finally:
+        kernels._enabled = True
+    assert eager == reference
+
+
 def run_python(code: str, extensions_dir: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "LCDFAST_CSRC"}
     env.update(TORCH_EXTENSIONS_DIR=str(extensions_dir), OMP_NUM_THREADS="1")
@@ -131,8 +194,8 @@ from lcdfast.contrast import amateur_logits_at
 head, hidden, ids = torch.randn(100, 8), torch.randn(2, 8), torch.randint(0, 100, (2, 5))
 out = amateur_logits_at(hidden, head, ids)
 assert out.dtype == torch.float32 and torch.equal(out, torch.einsum("be,bke->bk", hidden, head[ids]))
-assert not kernels.load_masked_logits() and kernels._devices is None
-assert not hasattr(torch.ops.lcdfast, "masked_logits")
+assert not kernels.load() and kernels._devices is None
+assert not hasattr(torch.ops.lcdfast, "masked_logits") and not hasattr(torch.ops.lcdfast, "skinny_linear")
 """
     result = run_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -142,6 +205,7 @@ assert not hasattr(torch.ops.lcdfast, "masked_logits")
 def test_failed_build_says_why_once(tmp_path):
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "masked_contrast.cpp").write_text("this is not C++;\n")
+    (tmp_path / "csrc" / "skinny_linear.cpp").write_text((ROOT / "csrc" / "skinny_linear.cpp").read_text())
     code = f"""
 from pathlib import Path
 from lcdfast import kernels

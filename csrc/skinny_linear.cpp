@@ -1,0 +1,152 @@
+// Products with few rows, as in decoding (DESIGN.md §4): x [M, E] times a weight [N, E] transposed.
+//
+//   skinny_linear(x [M, E], weight [N, E]) -> [M, N] in x's dtype, summed in float32
+//
+// A decode step multiplies one to a few dozen rows (the batch, or DoLa's candidate layers stacked) by each weight
+// matrix. BLAS packs the weight per call; inductor's fused reduction keeps one accumulator per output, so past one
+// row it waits on FMA latency. Here each tile of kTile weight rows is read from memory once and, while it sits in
+// L1, multiplied by every input row, kTile x kRows outputs at a time in independent vector accumulators (AVX2 where
+// the CPU has it: kernels.py builds with -march=native; else plain C++), while a tile further on is prefetched.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Vector registers: 8 float32 lanes with AVX2 (also what AVX-512 machines run here), else 1.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+using vec = __m256;
+constexpr int kLanes = 8;
+inline vec zero() { return _mm256_setzero_ps(); }
+inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline vec load(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128((const __m128i*)p);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline vec load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#else
+using vec = float;
+constexpr int kLanes = 1;
+inline vec zero() { return 0.f; }
+inline vec fma(vec a, vec b, vec c) { return a * b + c; }
+inline float hsum(vec a) { return a; }
+template <typename T>
+inline vec load(const T* p) { return static_cast<float>(*p); }
+#endif
+
+// Outputs come in blocks of kTile weight rows by kRows input rows: 9 accumulators, 3 weight vectors and an input
+// vector fill 13 of AVX2's 16 registers; each step is 6 loads for 9 FMAs.
+constexpr int kTile = 3, kRows = 3;
+constexpr int kAhead = 4;  // tiles between the one computed and the one prefetched
+
+// sums[n][m] = w[n] . x[m] for kTile weight rows w (stride E) and MR float32 input rows x (stride E).
+template <int MR, typename scalar_t>
+void block(const scalar_t* w, const float* x, int64_t E, float (&sums)[kTile][kRows], const char* ahead) {
+  vec acc[kTile][MR];
+  for (int n = 0; n < kTile; ++n)
+    for (int m = 0; m < MR; ++m) acc[n][m] = zero();
+  const int64_t body = E - E % kLanes;
+  // The weight tile due kAhead tiles later, spread over the steps, so memory streams while this tile computes.
+  constexpr int64_t step_bytes = kTile * kLanes * sizeof(scalar_t);
+  for (int64_t e = 0, offset = 0; e < body; e += kLanes, offset += step_bytes) {
+    if (ahead)
+      for (int64_t line = 0; line < step_bytes; line += 64) __builtin_prefetch(ahead + offset + line);
+    vec wv[kTile];
+    for (int n = 0; n < kTile; ++n) wv[n] = load(w + n * E + e);
+    for (int m = 0; m < MR; ++m) {
+      const vec xv = load(x + m * E + e);
+      for (int n = 0; n < kTile; ++n) acc[n][m] = fma(wv[n], xv, acc[n][m]);
+    }
+  }
+  for (int n = 0; n < kTile; ++n)
+    for (int m = 0; m < MR; ++m) {
+      float sum = hsum(acc[n][m]);
+      for (int64_t e = body; e < E; ++e) sum += static_cast<float>(w[n * E + e]) * x[m * E + e];
+      sums[n][m] = sum;
+    }
+}
+
+template <typename scalar_t>
+void any_block(int mr, const scalar_t* w, const float* x, int64_t E, float (&sums)[kTile][kRows], const char* ahead) {
+  static_assert(kRows == 3, "one case per row count");
+  switch (mr) {
+    case 1: return block<1>(w, x, E, sums, ahead);
+    case 2: return block<2>(w, x, E, sums, ahead);
+    case 3: return block<3>(w, x, E, sums, ahead);
+  }
+}
+
+template <typename scalar_t>
+void skinny_linear_rows(const scalar_t* wp, const float* xp, float* op, int64_t M, int64_t N, int64_t E) {
+  if (N < kTile) {  // too few rows for one tile: plain dot products
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        float sum = 0;
+        for (int64_t e = 0; e < E; ++e) sum += static_cast<float>(wp[n * E + e]) * xp[m * E + e];
+        op[m * N + n] = sum;
+      }
+    return;
+  }
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    float sums[kTile][kRows];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = std::min(t * kTile, N - kTile);  // the last tile overlaps its neighbour
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int mr = int(std::min<int64_t>(kRows, M - m0));
+        const int64_t later = std::min(n0 + kAhead * kTile, N - kTile);
+        const char* ahead = m0 == 0 ? reinterpret_cast<const char*>(wp + later * E) : nullptr;
+        any_block<scalar_t>(mr, wp + n0 * E, xp + m0 * E, E, sums, ahead);
+        for (int n = 0; n < kTile; ++n)
+          for (int m = 0; m < mr; ++m) op[(m0 + m) * N + n0 + n] = sums[n][m];
+      }
+    }
+  });
+}
+
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "skinny_linear: x must be [M, E] and weight [N, E], got ",
+              x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.size(1) == weight.size(1), "skinny_linear: x ", x.sizes(), " and weight ", weight.sizes(),
+              " differ in E");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "skinny_linear: x is ", x.scalar_type(), " but weight is ",
+              weight.scalar_type());
+  const at::ScalarType dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "skinny_linear: float32, bfloat16 or float16 only, got ", dtype);
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), w = weight.contiguous();
+  const int64_t M = x.size(0), N = w.size(0), E = w.size(1);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out.to(x.scalar_type());
+  const float* xp = xf.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+
+  if (dtype == at::kFloat) skinny_linear_rows(w.const_data_ptr<float>(), xp, op, M, N, E);
+  if (dtype == at::kBFloat16) skinny_linear_rows(w.const_data_ptr<c10::BFloat16>(), xp, op, M, N, E);
+  if (dtype == at::kHalf) skinny_linear_rows(w.const_data_ptr<c10::Half>(), xp, op, M, N, E);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lcdfast, m) {
+  m.def("skinny_linear(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lcdfast, CPU, m) {
+  m.impl("skinny_linear", &skinny_linear_cpu);
+}
