@@ -16,6 +16,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the decode step with torch.compile (CUDA graphs on a GPU)")
     p.add_argument("--exit-heads", default=None, help="safetensors file of trained per-layer exit heads")
+    p.add_argument("--csrc", action="store_true",
+                   help="build (once, needs a C++ compiler and ninja) and use the C++ ops in csrc/ (= LCDFAST_CSRC=1)")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
@@ -71,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_engine(args):
+    from . import kernels
     from .api import load
 
+    if getattr(args, "csrc", False):
+        kernels.enable()  # one line on stderr, and the torch path, if they can't be built
     engine = load(args.model, dtype=args.dtype, device=args.device)
     if getattr(args, "exit_heads", None):
         engine.set_exit_heads(args.exit_heads)

@@ -195,3 +195,21 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lcdfast.cli", "generate", "--model", str(tmp_path), "x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "config.json" in proc.stderr
+
+
+def test_generate_with_csrc_ops(tiny_dir, capsys, monkeypatch):
+    """--csrc builds and turns on the C++ ops (or says why not, once) and gives the same tokens."""
+    from lcdfast import kernels
+
+    path, _ = tiny_dir("llama-untied")
+    argv = ["generate", "--model", path, "The fox", "Layers improve", "--max-new-tokens", 8, "--json", "--method",
+            "dola", "--dola-layers", "low"]
+    code, plain, err = run(capsys, *argv)
+    assert code == 0, err
+    monkeypatch.setattr(kernels, "_enabled", False)  # put back after the test
+    code, out, err = run(capsys, *argv, "--csrc")
+    assert code == 0 and kernels._enabled
+    if not kernels.load():
+        assert len(err.strip().splitlines()) == 1 and "csrc kernel not built" in err
+    tokens = [json.loads(line)["token_ids"] for line in out.strip().splitlines()]
+    assert tokens == [json.loads(line)["token_ids"] for line in plain.strip().splitlines()]
