@@ -25,7 +25,7 @@ _devices: frozenset[str] | None = None  # device types the loaded op serves; Non
 
 
 def enable() -> bool:
-    """Build (once) and use the fused op from now on. False, after one line on stderr, if it can't be built."""
+    """Build (once) and use the ops from now on. False, after one line on stderr, if it can't be built."""
     global _enabled
     _enabled = True
     return load()
@@ -62,7 +62,8 @@ def _build() -> frozenset[str]:
     if torch.cuda.is_available() and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         sources.append(str(CSRC / "masked_contrast_cuda.cu"))
         devices.add("cuda")
-    # Built here for this CPU (-march=native: AVX-512 where it has it); OpenMP for ATen's parallel_for.
+    # For this CPU (-march=native: skinny_linear's AVX2 path where it has AVX2, FMA and F16C; a cache dir shared
+    # with an older CPU needs its own TORCH_EXTENSIONS_DIR); OpenMP for ATen's parallel_for.
     cpp_extension.load(name="lcdfast_csrc", sources=sources, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], is_python_module=False)
     torch.library.register_fake("lcdfast::masked_logits", _masked_logits_fake)
