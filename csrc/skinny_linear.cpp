@@ -108,11 +108,10 @@ void skinny_linear_rows(const scalar_t* wp, const float* xp, float* op, int64_t 
     float sums[kTile][kRows];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = std::min(t * kTile, N - kTile);  // the last tile overlaps its neighbour
+      const char* later = reinterpret_cast<const char*>(wp + std::min(n0 + kAhead * kTile, N - kTile) * E);
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const int mr = int(std::min<int64_t>(kRows, M - m0));
-        const int64_t later = std::min(n0 + kAhead * kTile, N - kTile);
-        const char* ahead = m0 == 0 ? reinterpret_cast<const char*>(wp + later * E) : nullptr;
-        any_block<scalar_t>(mr, wp + n0 * E, xp + m0 * E, E, sums, ahead);
+        any_block<scalar_t>(mr, wp + n0 * E, xp + m0 * E, E, sums, m0 == 0 ? later : nullptr);  // prefetch once
         for (int n = 0; n < kTile; ++n)
           for (int m = 0; m < mr; ++m) op[(m0 + m) * N + n0 + n] = sums[n][m];
       }
@@ -137,9 +136,12 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
   const float* xp = xf.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
 
-  if (dtype == at::kFloat) skinny_linear_rows(w.const_data_ptr<float>(), xp, op, M, N, E);
-  if (dtype == at::kBFloat16) skinny_linear_rows(w.const_data_ptr<c10::BFloat16>(), xp, op, M, N, E);
-  if (dtype == at::kHalf) skinny_linear_rows(w.const_data_ptr<c10::Half>(), xp, op, M, N, E);
+  if (dtype == at::kFloat)
+    skinny_linear_rows(w.const_data_ptr<float>(), xp, op, M, N, E);
+  else if (dtype == at::kBFloat16)
+    skinny_linear_rows(w.const_data_ptr<c10::BFloat16>(), xp, op, M, N, E);
+  else
+    skinny_linear_rows(w.const_data_ptr<c10::Half>(), xp, op, M, N, E);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 

@@ -137,17 +137,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     bandwidth, where BLAS's gemv reaches about 60% of it (bench/: 15.5 vs 25.7 ms for SmolLM2's layers). With
     more than one row that reduction waits on FMA latency; csrc's skinny_linear (kernels.py), when built, blocks
     weight rows by input rows in registers and takes the products of 2 to SKINNY_ROWS rows (and, eager, of one)."""
-    rows = x.shape[:-1].numel()
-    fused = x.device.type == "cpu" and torch.compiler.is_compiling()
-    if x.device.type == "cpu" and (rows > 1 or not fused) and rows <= SKINNY_ROWS and csrc_on(x.device):
-        y = torch.ops.lcdfast.skinny_linear(x.reshape(rows, -1), weight).reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
-    if fused and rows <= GEMV_ROWS:
+    rows, on_cpu = x.shape[:-1].numel(), x.device.type == "cpu"
+    fused = on_cpu and torch.compiler.is_compiling() and rows <= GEMV_ROWS
+    if on_cpu and rows <= SKINNY_ROWS and not (fused and rows == 1) and csrc_on(x.device):
+        y = torch.ops.lcdfast.skinny_linear(x.reshape(rows, -1), weight)  # [M, out]
+    elif fused:
         x_rows = realized(x.reshape(1, rows, -1))  # else inductor recomputes x's producers per weight row
-        y = (weight[:, None, :] * x_rows).sum(-1)  # [out, M]
-        y = y.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])  # row-major out, as F.linear's
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
+        y = (weight[:, None, :] * x_rows).sum(-1).t().contiguous()  # [out, M] -> row-major [M, out], as F.linear's
+    else:
+        return F.linear(x, weight, bias)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
 
 
 class Linear(nn.Module):
