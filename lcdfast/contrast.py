@@ -6,7 +6,6 @@ Shapes: B rows, V vocab, L candidate layers. `*_logits` are raw head outputs [..
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import csrc_on
@@ -80,12 +79,13 @@ def acd_log_probs_masked(
 
 
 def js_divergence(final_logits: Tensor, layer_logits: Tensor) -> Tensor:
-    """DoLa's Jensen-Shannon divergence per layer and row, averaged over the vocabulary. [L, B, V] -> [L, B]."""
-    p_final, p_layer = final_logits.softmax(-1)[None], layer_logits.softmax(-1)
-    mean = 0.5 * (p_final + p_layer)
-    kl_final = F.kl_div(final_logits.log_softmax(-1)[None], mean, reduction="none").mean(-1)
-    kl_layer = F.kl_div(layer_logits.log_softmax(-1), mean, reduction="none").mean(-1)
-    return 0.5 * (kl_final + kl_layer)
+    """DoLa's Jensen-Shannon divergence per layer and row, averaged over the vocabulary. [B, V], [L, B, V] -> [L, B].
+
+    As transformers and the paper's code compute it: 0.5 * (KL(m || p) + KL(m || q)) with m = (p + q) / 2, each
+    term averaged over V. Summed as m log m - m (log p + log q) / 2: one log and one exp per layer and token."""
+    logp_final, logp_layer = final_logits.log_softmax(-1)[None], layer_logits.log_softmax(-1)
+    mean = 0.5 * (logp_final.exp() + logp_layer.exp())
+    return (torch.xlogy(mean, mean) - 0.5 * mean * (logp_final + logp_layer)).mean(-1)
 
 
 def dola_select_layer(final_logits: Tensor, layer_logits: Tensor, batch_mode: bool = False) -> Tensor:
