@@ -115,7 +115,8 @@ void tiled_rows(const scalar_t* wp, const float* xp, float* op, int64_t M, int64
       const char* later = reinterpret_cast<const char*>(wp + std::min(n0 + kAhead, N - kTile) * E);
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const int mr = int(std::min<int64_t>(kRows, M - m0));
-        any_block<kTile, kRows, scalar_t>(mr, wp + n0 * E, xp + m0 * E, E, sums, m0 == 0 ? later : nullptr);  // prefetch once
+        const char* ahead = m0 == 0 ? later : nullptr;  // prefetch once per tile
+        any_block<kTile, kRows, scalar_t>(mr, wp + n0 * E, xp + m0 * E, E, sums, ahead);
         for (int n = 0; n < kTile; ++n)
           for (int m = 0; m < mr; ++m) op[(m0 + m) * N + n0 + n] = sums[n][m];
       }
