@@ -107,14 +107,15 @@ def pick_token(scores: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeC
 
 def decode_step(
     model: Transformer, amateur: Transformer | None, exit_weights: Tensor | None, token: Tensor, slot: Tensor,
-    pad: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeConfig,
+    span: Tensor | None, pad: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeConfig,
 ) -> tuple[Tensor, Tensor]:
     """One token for every row: forward through the caches, heads, contrast, penalties, choice.
 
-    token [B, T], slots [T], pad [B], seen [B, V] -> next token [B], DoLa candidate index [B]. T = 1 when
-    decoding; generate_ids also runs the prompt through it (eager) as the prefill."""
-    final, exits = model(token, slot, pad, dc.exit_layers)
-    amateur_logits = amateur.output(amateur(token, slot, pad)[0][:, -1]) if amateur is not None else None
+    token [B, T], slots [T], span [P] (the cache slots attended, see Transformer.forward), pad [B], seen [B, V]
+    -> next token [B], DoLa candidate index [B]. T = 1 when decoding; generate_ids also runs the prompt through
+    it (eager) as the prefill."""
+    final, exits = model(token, slot, pad, dc.exit_layers, span)
+    amateur_logits = amateur.output(amateur(token, slot, pad, (), span)[0][:, -1]) if amateur is not None else None
     scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
                                      amateur_logits, exit_weights, dc)
     return pick_token(scores, seen, uniform, dc), chosen
@@ -176,9 +177,19 @@ def generate_ids(
     reasons = ["length"] * B
     live = [True] * B
     t0 = time.perf_counter()
+    # Attention reads slots [0, P) with P = the step's slot + 1: on CPU the compiled step takes P as a dynamic size
+    # (one graph for every P < S). CUDA graphs replay fixed shapes only: there P = S, the whole cache.
+    all_slots = torch.arange(S, device=device)
+
+    def span(end: int) -> Tensor:
+        if device.type == "cuda":
+            return all_slots
+        live = all_slots[:end]
+        torch._dynamo.maybe_mark_dynamic(live, 0)
+        return live
+
     # prefill: the whole left-padded prompt [B, T] through the same (eager) step, then one token at a time
-    token, chosen = decode_step(model, amateur, exit_weights, tokens, torch.arange(T, device=device), pad, seen,
-                                noise(), dc)
+    token, chosen = decode_step(model, amateur, exit_weights, tokens, all_slots[:T], span(T), pad, seen, noise(), dc)
     t_prefill = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps = 0
@@ -200,7 +211,8 @@ def generate_ids(
             break
         seen[torch.arange(B, device=device), token] = True
         slot = torch.tensor([T + step], device=device)
-        token, chosen = step_fn(model, amateur, exit_weights, token[:, None], slot, pad, seen, noise(), dc)
+        token, chosen = step_fn(model, amateur, exit_weights, token[:, None], slot, span(T + step + 1), pad, seen,
+                                noise(), dc)
     t_decode = time.perf_counter() - t1
     stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": steps - 1,
              "prompt_tokens": T, "batch": B}

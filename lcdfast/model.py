@@ -163,7 +163,7 @@ class Linear(nn.Module):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of q [B, H, T, D] over the cache k, v [B, K, S, D] where mask [B, 1, T, S]: [B, H, T, D].
+    """Attention of q [B, H, T, D] over the cache k, v [B, K, P, D] where mask [B, 1, T, P]: [B, H, T, D].
 
     Under torch.compile on CPU, written out so inductor fuses it into the step (a decode step's 30 SDPA calls
     cost more in call overhead than in arithmetic); else SDPA."""
@@ -172,7 +172,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     B, H, T, D = q.shape
     K = k.shape[1]
     q = q.reshape(B, K, H // K, T, 1, D)  # query heads grouped by their kv head
-    scores = (q * k[:, :, None, None]).sum(-1) * D**-0.5  # [B, K, G, T, S]
+    scores = (q * k[:, :, None, None]).sum(-1) * D**-0.5  # [B, K, G, T, P]
     probs = scores.masked_fill(~mask[:, :, None], -math.inf).softmax(-1)
     return (probs[..., None] * v[:, :, None, None]).sum(-2).reshape(B, H, T, D)
 
@@ -196,7 +196,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k, v = self.kv_cache.update(slots, k, v)  # [B, K, S, D]
-        y = attend(q, k, v, mask)  # [B, H, T, D]
+        span = mask.shape[-1]  # P <= S slots attended
+        y = attend(q, k[:, :, :span], v[:, :, :span], mask)  # [B, H, T, D]
         return self.wo(y.transpose(1, 2).reshape(B, T, q_width))  # [B, T, C]
 
 
@@ -265,15 +266,17 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", angles.sin().to(dtype), persistent=False)
 
     def forward(
-        self, tokens: Tensor, slots: Tensor, pad: Tensor, exit_layers: tuple[int, ...] = ()
+        self, tokens: Tensor, slots: Tensor, pad: Tensor, exit_layers: tuple[int, ...] = (), span: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Run `tokens` [B, T] into cache `slots` [T]; rows are left-padded by `pad` [B] slots.
 
+        Attention reads the cache slots `span` = [0, 1, .., P-1] (P past every slot written so far; None: the whole
+        cache), so a step's attention costs what the sequence holds, not what the cache could hold.
         Returns the final hidden state after norm (and OPT's project_out) [B, T, E], and the
         residual stream at each requested layer stacked [L, B, T, C] (None if none requested).
         """
         positions = slots[None, :] - pad[:, None]  # [B, T], row-relative; negative on padding
-        mask = self.attention_mask(slots, pad)
+        mask = self.attention_mask(slots, pad, span)
         x = self.output.weight[tokens] if self.tok_embeddings is None else self.tok_embeddings(tokens)  # [B, T, E]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, T, C]
@@ -292,12 +295,12 @@ class Transformer(nn.Module):
                 exits.append(x)
         return self.final_hidden(x), torch.stack(exits) if exits else None
 
-    def attention_mask(self, slots: Tensor, pad: Tensor) -> Tensor:
-        # [B, 1, T, S]: a query sees cached slots up to its own, never the row's left padding.
+    def attention_mask(self, slots: Tensor, pad: Tensor, span: Tensor | None = None) -> Tensor:
+        # [B, 1, T, P]: a query sees cached slots up to its own, never the row's left padding.
         # A padding query still sees itself, so no row of the softmax is empty (no NaNs).
-        cache_slots = torch.arange(self.max_seq_len, device=slots.device)
-        causal = cache_slots[None, :] <= slots[:, None]  # [T, S]
-        not_pad = cache_slots[None, :] >= pad[:, None]  # [B, S]
+        cache_slots = torch.arange(self.max_seq_len, device=slots.device) if span is None else span
+        causal = cache_slots[None, :] <= slots[:, None]  # [T, P]
+        not_pad = cache_slots[None, :] >= pad[:, None]  # [B, P]
         mask = causal[None] & (not_pad[:, None] | (cache_slots[None, :] == slots[:, None])[None])
         return mask[:, None]
 

@@ -35,6 +35,26 @@ def test_hidden_states_and_logits_match_transformers(kind, tiny_dir):
     assert err < 1e-4, f"{kind}: logits differ by {err}"
 
 
+@pytest.mark.parametrize("kind", ["llama-tied-gqa", "gpt2"])
+def test_attention_over_the_live_span_equals_the_whole_cache(kind, tiny_dir):
+    """Decoding attends only the slots written so far (`span`); that must change nothing, padding included."""
+    model = load_model(tiny_dir(kind)[0])
+    ids, pad = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3)), torch.tensor([0, 4])
+    outs = []
+    for span in (None, torch.arange(11)):
+        model.setup_caches(2, 64)
+        for layer in model.layers:  # stale values past the span must not leak in
+            layer.attention.kv_cache.k.fill_(7.0)
+            layer.attention.kv_cache.v.fill_(-7.0)
+        model(ids, torch.arange(9), pad, (), None if span is None else span[:9])
+        final, exits = model(ids[:, :1], torch.tensor([9]), pad, (1,), None if span is None else span[:10])
+        final2, _ = model(ids[:, 1:2], torch.tensor([10]), pad, (), span)
+        outs.append(torch.cat([final, exits[0], final2], dim=-1))
+        model.max_batch = -1  # fresh caches next round
+    assert outs[1].shape == outs[0].shape
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("kind", list(TINY))
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_tokens_match_transformers(kind, penalty, tiny_dir):
