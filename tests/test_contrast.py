@@ -9,7 +9,7 @@ from test_models import first_diff
 
 from lcdfast.api import dola_candidates
 from lcdfast.checkpoint import load_model
-from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, cd_scores, plausible_mask
+from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, cd_scores, js_divergence, plausible_mask
 from lcdfast.generate import DecodeConfig, ScoreConfig, generate_ids, score_ids
 
 
@@ -89,6 +89,24 @@ def test_dola_candidate_buckets():
     assert dola_candidates("low", 4, True) == (2,)
     assert dola_candidates("low", 2, True) == (1,)
     assert dola_candidates("3,5,99", 30, True) == (3, 5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_js_divergence_is_dolas_formula(compiled):
+    """0.5 * (KL(m || p) + KL(m || q)), each averaged over V, as transformers' DoLa: float64 reference."""
+    torch.manual_seed(4)
+    spread = torch.tensor([0.1, 1, 3, 8, 20, 40])[:, None, None]  # near-uniform to near-one-hot layers
+    final, layers = torch.randn(3, 5000) * 4, torch.randn(6, 3, 5000) * spread
+    layers[2, 1] = final[1]  # identical distributions: 0
+    p, q = final.double().softmax(-1)[None], layers.double().softmax(-1)
+    m = 0.5 * (p + q)
+    kl = lambda a, b: (a * (a.log() - b.log())).nan_to_num(0.0).mean(-1)  # noqa: E731
+    want = 0.5 * (kl(m, p) + kl(m, q))
+    fn = torch.compile(js_divergence, fullgraph=True, dynamic=False) if compiled else js_divergence
+    got = fn(final, layers)
+    assert got.shape == (6, 3)
+    assert (got.double() - want).abs().max().item() < 1e-6 * want.abs().max().item() + 1e-9
+    assert got[2, 1].abs().item() < 1e-8
 
 
 def test_cd_matches_direct_computation(tiny_dir):
