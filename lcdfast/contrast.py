@@ -14,9 +14,15 @@ from .model import linear, realized
 
 def plausible_mask(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int = 1) -> Tensor:
     """V_head: p_e(x) >= alpha * max p_e, and at least the top `min_tokens_to_keep` tokens. [B, V] bool."""
-    threshold = expert_logp.max(-1, keepdim=True).values + math.log(alpha)
-    kth_best = expert_logp.topk(min_tokens_to_keep, dim=-1).values[..., -1:]
-    return expert_logp >= torch.minimum(threshold, kth_best)
+    return expert_logp >= head_threshold(expert_logp, alpha, min_tokens_to_keep)
+
+
+def head_threshold(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int) -> Tensor:
+    """The smallest log p_e in V_head [B, 1]: log(alpha * max p_e), lowered to the k-th best when k > 1."""
+    best = expert_logp.max(-1, keepdim=True).values
+    if min_tokens_to_keep <= 1:  # the k-th best is the max: no top-k pass over the vocabulary
+        return torch.minimum(best + math.log(alpha), best)
+    return torch.minimum(best + math.log(alpha), expert_logp.topk(min_tokens_to_keep, dim=-1).values[..., -1:])
 
 
 def acd_log_probs(
@@ -52,8 +58,7 @@ def acd_log_probs_masked(
     V_head is a prefix of the expert's ranking, so when it fits in the top `candidates` tokens those are
     all the amateur must score; when any row's V_head is larger, the full projection runs instead (exact)."""
     expert_logp = expert_logits.log_softmax(-1)
-    threshold = torch.minimum(expert_logp.max(-1, keepdim=True).values + math.log(alpha),
-                              expert_logp.topk(min_tokens_to_keep, dim=-1).values[..., -1:])
+    threshold = head_threshold(expert_logp, alpha, min_tokens_to_keep)
     head_size = (expert_logp >= threshold).sum(-1)  # [B]
 
     def on_candidates(expert_logp: Tensor, amateur_hidden: Tensor, head: Tensor, threshold: Tensor) -> Tensor:
