@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import contrast
+from .errors import LcdError
 from .model import Transformer, linear
 
 METHODS = ("greedy", "sample", "acd", "dola", "cd")
@@ -157,7 +158,11 @@ def generate_ids(
     B, V = len(prompts), model.config.vocab_size
     tokens, pad = left_pad(prompts, model.config.pad_token_id or 0, device)
     T = tokens.shape[1]
-    S = cache_length(T + max_new_tokens, model.max_seq_len if model.max_seq_len > 0 else 1 << 30)
+    cfg = model.config
+    limit = cfg.max_positions if cfg.positions == "learned" else 1 << 30  # not the current cache: it may grow
+    if T + max_new_tokens > limit:
+        raise LcdError(f"max_new_tokens: {T} prompt tokens + {max_new_tokens} exceed the model's {limit} positions")
+    S = cache_length(T + max_new_tokens, limit)
     for m in (model, amateur):
         if m is not None:
             m.setup_caches(B, S)

@@ -82,6 +82,14 @@ def test_batched_equals_one_by_one(kind, dc, tiny_dir):
         assert batched[i] == alone[0], f"row {i}: " + first_diff(batched[i], alone[0])
 
 
+def test_a_longer_generation_after_a_short_one_grows_the_cache(tiny_dir):
+    model = load_model(tiny_dir("llama-untied")[0])
+    short, _, _, _ = generate_ids(model, [[5, 6, 7]], DecodeConfig(), 20, [])
+    assert model.max_seq_len == 256
+    long, _, _, _ = generate_ids(model, [[5, 6, 7]], DecodeConfig(), 300, [])
+    assert model.max_seq_len == 512 and len(long[0]) == 300 and long[0][:20] == short[0]
+
+
 def test_eos_stops_a_row_but_not_the_batch(tiny_dir):
     path, _ = tiny_dir("llama-tied-gqa")
     model = load_model(path)
