@@ -82,17 +82,6 @@ def copy_bandwidth() -> float:
     return src.numel() * 4 / best
 
 
-def best_ms(fn, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1000
-
-
 def matmul_chains(model, batch: int) -> dict:
     """The bare matrix products of one decode step (every Linear incl. the LM head, same weights) as timed
     callables. "blas" (F.linear) and "compiled" (the `linear` the decode step runs: inductor's reduction, or
@@ -124,8 +113,19 @@ def matmul_chains(model, batch: int) -> dict:
 
 
 @torch.inference_mode()
-def chain_ms(chains: dict) -> dict:
-    return {name: best_ms(fn) for name, fn in chains.items()}
+def chain_ms(chains: dict, calls: int) -> dict:
+    """Each chain's mean ms over `calls` back-to-back calls (after 3 warm-up calls), timed as a decode's steps are:
+    the mean over a run, not the luckiest single call (on a machine whose bandwidth drifts, that minimum sat
+    7-10% below a sustained run of the same products and so understated the floor fraction)."""
+    out = {}
+    for name, fn in chains.items():
+        for _ in range(3):
+            fn()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out[name] = 1000 * (time.perf_counter() - t) / calls
+    return out
 
 
 def lcdfast_run(engine, prompts, options, new_tokens) -> dict:
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
                         run = lcdfast_run(engine, prompts, METHODS[method], args.new_tokens if r else 8)
                     if r:
                         runs[(method, engine_name)].append(run)
-                chain_runs.append(chain_ms(chains))  # the floors are timed in the rounds too, best round wins
+                # the floors are timed in the rounds too, over as many calls as the decode has steps; best round wins
+                chain_runs.append(chain_ms(chains, max(args.new_tokens - 1, 1)))
                 bandwidths.append(copy_bandwidth())
             chain_best = {name: min(c[name] for c in chain_runs) for name in chains}
             floors = {"weight_mb": weight_bytes / 1e6, "copy_bandwidth_gb_s": max(bandwidths) / 1e9,
