@@ -189,9 +189,9 @@ def generate_ids(
     def span(end: int) -> Tensor:
         if device.type == "cuda":
             return all_slots
-        live = all_slots[:end]
-        torch._dynamo.maybe_mark_dynamic(live, 0)
-        return live
+        written = all_slots[:end]
+        torch._dynamo.maybe_mark_dynamic(written, 0)
+        return written
 
     # prefill: the whole left-padded prompt [B, T] through the same (eager) step, then one token at a time
     token, chosen = decode_step(model, amateur, exit_weights, tokens, all_slots[:T], span(T), pad, seen, noise(), dc)

@@ -196,8 +196,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k, v = self.kv_cache.update(slots, k, v)  # [B, K, S, D]
-        span = mask.shape[-1]  # P <= S slots attended
-        y = attend(q, k[:, :, :span], v[:, :, :span], mask)  # [B, H, T, D]
+        n_slots = mask.shape[-1]  # P <= S slots attended
+        y = attend(q, k[:, :, :n_slots], v[:, :, :n_slots], mask)  # [B, H, T, D]
         return self.wo(y.transpose(1, 2).reshape(B, T, q_width))  # [B, T, C]
 
 
