@@ -214,7 +214,7 @@ def generate_ids(
         steps += 1
         if not any(live) or step == max_new_tokens - 1:
             break
-        seen[torch.arange(B, device=device), token] = True
+        seen.scatter_(1, token[:, None], True)
         slot = torch.tensor([T + step], device=device)
         token, chosen = step_fn(model, amateur, exit_weights, token[:, None], slot, span(T + step + 1), pad, seen,
                                 noise(), dc)
