@@ -163,6 +163,8 @@ def generate_ids(
     if T + max_new_tokens > limit:
         raise LcdError(f"max_new_tokens: {T} prompt tokens + {max_new_tokens} exceed the model's {limit} positions")
     S = cache_length(T + max_new_tokens, limit)
+    if dc.method != "cd":
+        amateur = None  # an engine may hold one for CD; no other method runs it
     for m in (model, amateur):
         if m is not None:
             m.setup_caches(B, S)
@@ -342,6 +344,8 @@ def score_ids(
         tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     tokens, pad = tokens.to(device), torch.zeros(B, dtype=torch.long, device=device)
     layers = tuple(sorted({j for sc in configs for j in sc.exit_layers}))
+    if not any(sc.method == "cd" for sc in configs):
+        amateur = None  # run only for CD's scores
     S = cache_length(shared + T, 1 << 30)
     outs = []
     for m in (model, amateur):

@@ -131,6 +131,25 @@ def test_cd_matches_direct_computation(tiny_dir):
         assert torch.equal(torch.isinf(ours), ~mask)
 
 
+def test_the_amateur_runs_only_for_cd(tiny_dir):
+    """An engine holding CD's amateur passes it to every call; the other methods must not run it."""
+    expert, amateur = load_model(tiny_dir("llama-tied-gqa")[0]), load_model(tiny_dir("llama-amateur")[0])
+    calls = []
+    amateur.register_forward_hook(lambda *_: calls.append(1))
+    prompt = [5, 6, 7, 8]
+    for dc in [DecodeConfig(), DecodeConfig(method="acd", exit_layers=(1,)), DecodeConfig(method="dola",
+                                                                                           exit_layers=(0, 2))]:
+        alone, _, _, _ = generate_ids(expert, [prompt], dc, 6, [])
+        assert generate_ids(expert, [prompt], dc, 6, [], amateur=amateur)[0] == alone
+    score_ids(expert, [prompt], [[9, 10]], [ScoreConfig(), ScoreConfig("acd", (1,))], amateur=amateur)
+    assert not calls
+    generate_ids(expert, [prompt], DecodeConfig(method="cd"), 3, [], amateur=amateur)
+    assert calls  # the prefill and every step
+    n = len(calls)
+    score_ids(expert, [prompt], [[9, 10]], [ScoreConfig(), ScoreConfig("cd")], amateur=amateur)
+    assert len(calls) > n
+
+
 @pytest.mark.parametrize("dc", [
     DecodeConfig(method="acd", exit_layers=(2,)),
     DecodeConfig(method="acd", exit_layers=(1,), do_sample=True, temperature=0.8, top_p=0.9),
