@@ -74,23 +74,31 @@ def rope_frequencies(cfg: ModelConfig) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, H, T, D]; cos, sin: [B, 1, T, D] (halves repeated, transformers' rotate_half layout)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # x: [B, T, H, D]; cos, sin: [B, T, H, D] or broadcastable, `sin`'s first half negated (see `rope_tables`):
+    # x * cos + rotate_half(x) * sin in transformers' layout, the halves swapped by index (no copy under compile)
+    B, T, H, D = x.shape
+    return x * cos + x.view(B, T, H, 2, D // 2).flip(3).view(B, T, H, D) * sin
 
 
 class KVCache(nn.Module):
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device) -> None:
         super().__init__()
-        shape = (batch, n_kv_heads, max_seq_len, head_dim)  # [B, K, S, D]
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch, n_kv_heads, max_seq_len, head_dim)  # [2, B, K, S, D]: keys then values, one buffer
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # slots: [T]; k, v: [B, K, T, D] -> whole cache [B, K, S, D]
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        return self.k, self.v
+    @property
+    def k(self) -> Tensor:  # [B, K, S, D]
+        return self.kv[0]
+
+    @property
+    def v(self) -> Tensor:
+        return self.kv[1]
+
+    def update(self, slots: Tensor, kv: Tensor) -> tuple[Tensor, Tensor]:
+        # slots: [T]; kv: [B, T, 2K, D], keys then values (one copy: one loop, compiled) -> whole cache k, v
+        B, T, K2, D = kv.shape
+        self.kv.index_copy_(3, slots, kv.view(B, T, 2, K2 // 2, D).permute(2, 0, 3, 1, 4))
+        return self.kv[0], self.kv[1]
 
 
 def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
@@ -188,17 +196,15 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor, slots: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_width, kv_width, kv_width], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        k, v = self.kv_cache.update(slots, k, v)  # [B, K, S, D]
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x).view(B, T, H + 2 * K, D)
+        if rope is not None:  # one pass over q, k and v (v's heads get cos 1, sin 0)
+            qkv = realized(apply_rotary(qkv, *rope))  # realized: q is read at every attended slot
+        k, v = self.kv_cache.update(slots, qkv[:, :, H:])  # [B, K, S, D]
+        q = qkv[:, :, :H].transpose(1, 2)  # [B, H, T, D]
         n_slots = mask.shape[-1]  # P <= S slots attended
         y = attend(q, k[:, :, :n_slots], v[:, :, :n_slots], mask)  # [B, H, T, D]
-        return self.wo(y.transpose(1, 2).reshape(B, T, q_width))  # [B, T, C]
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, C]
 
 
 class FeedForward(nn.Module):
@@ -262,8 +268,10 @@ class Transformer(nn.Module):
         if cfg.positions == "rotary":
             angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(cfg))
             angles = torch.cat((angles, angles), dim=-1).to(device)  # [S, D]
+            sign = torch.ones(cfg.head_dim, device=device)
+            sign[: cfg.head_dim // 2] = -1  # rotate_half's negated half, folded into the sines
             self.register_buffer("rope_cos", angles.cos().to(dtype), persistent=False)
-            self.register_buffer("rope_sin", angles.sin().to(dtype), persistent=False)
+            self.register_buffer("rope_sin", (angles.sin() * sign).to(dtype), persistent=False)
 
     def forward(
         self, tokens: Tensor, slots: Tensor, pad: Tensor, exit_layers: tuple[int, ...] = (), span: Tensor | None = None
@@ -284,8 +292,7 @@ class Transformer(nn.Module):
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(positions.clamp(min=0) + self.config.position_offset)
         else:
-            index = positions.clamp(min=0)
-            rope = (self.rope_cos[index][:, None], self.rope_sin[index][:, None])  # [B, 1, T, D]
+            rope = self.rope_tables(positions.clamp(min=0))
         exits = []
         if 0 in exit_layers:
             exits.append(x)
@@ -294,6 +301,15 @@ class Transformer(nn.Module):
             if i in exit_layers:
                 exits.append(x)
         return self.final_hidden(x), torch.stack(exits) if exits else None
+
+    def rope_tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, T, H + 2K, D] at `positions` [B, T] for apply_rotary over q, k and v at once: the value
+        heads get cos 1, sin 0 (unchanged)."""
+        cfg = self.config
+        rotated = (torch.arange(cfg.n_heads + 2 * cfg.n_kv_heads, device=positions.device)
+                   < cfg.n_heads + cfg.n_kv_heads)[:, None]  # [H + 2K, 1]
+        cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # [B, T, 1, D]
+        return torch.where(rotated, cos, 1.0), torch.where(rotated, sin, 0.0)
 
     def attention_mask(self, slots: Tensor, pad: Tensor, span: Tensor | None = None) -> Tensor:
         # [B, 1, T, P]: a query sees cached slots up to its own, never the row's left padding.
