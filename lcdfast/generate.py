@@ -3,6 +3,7 @@
 Shapes: B rows, T prompt tokens (left-padded), V vocab, E head width, C model width, L exit layers.
 """
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -132,6 +133,14 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor
     return tokens.to(device), pad.to(device)
 
 
+def guards_checked(step: int):
+    """Context for the compiled step's call at loop index `step`: full guards for the first two calls of a generation
+    (the first may compile, the second sees the attended span P change), then only the guards that tell cached graphs
+    apart (torch.compile's skip_guard_eval_unsafe). Within one generation nothing else they check can change: the
+    same model, caches, DecodeConfig, shapes and dtypes. Its ~300 tensor checks cost ~0.6 ms a step on 2 cores."""
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if step >= 2 else contextlib.nullcontext()
+
+
 def cache_length(needed: int, limit: int) -> int:
     """Round the cache up to a multiple of 256 so compiled shapes repeat across calls."""
     return min(limit, -(-needed // 256) * 256)
@@ -218,8 +227,9 @@ def generate_ids(
             break
         seen.scatter_(1, token[:, None], True)
         slot = torch.tensor([T + step], device=device)
-        token, chosen = step_fn(model, amateur, exit_weights, token[:, None], slot, span(T + step + 1), pad, seen,
-                                noise(), dc)
+        with guards_checked(step):
+            token, chosen = step_fn(model, amateur, exit_weights, token[:, None], slot, span(T + step + 1), pad,
+                                    seen, noise(), dc)
     t_decode = time.perf_counter() - t1
     stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": steps - 1,
              "prompt_tokens": T, "batch": B}

@@ -27,3 +27,22 @@ def test_compiled_equals_eager_without_recompiling(name, tiny_dir, monkeypatch):
     with torch._dynamo.config.patch(error_on_recompile=True):  # 64 positions, one graph
         compiled, _, _, _ = generate_ids(model, prompts, dc, 64, [], seed=11, step_fn=step)
     assert compiled == eager
+
+
+def test_one_compiled_step_across_batches_cache_sizes_and_methods(tiny_dir):
+    """From its third step a generation runs only the guards that tell cached graphs apart (generate_ids): one
+    compiled step that has graphs for several batch sizes, cache sizes and methods must still pick the right one."""
+    model = load_model(tiny_dir("llama-untied")[0])
+    torch.compiler.reset()
+    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(3)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    runs = [([prompt(5)], "greedy", 20), ([prompt(4), prompt(7)], "acd", 20), ([prompt(3), prompt(8)], "greedy", 260),
+            ([prompt(6)], "greedy", 20)]  # the last reuses the first graph, picked among three
+    for prompts, name, n in runs:
+        eager, _, _, _ = generate_ids(model, prompts, CONFIGS[name], n, [], seed=1)
+        compiled, _, _, _ = generate_ids(model, prompts, CONFIGS[name], n, [], seed=1, step_fn=step)
+        assert compiled == eager, f"{name}, batch {len(prompts)}, {n} tokens"
