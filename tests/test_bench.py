@@ -52,4 +52,8 @@ def test_small_run_writes_json_and_table(tiny_dir, tmp_path):
     assert set(engines) == {"lcdfast compiled", "transformers"}
     assert engines["lcdfast compiled"]["vs_greedy"] == 1.0
     assert engines["lcdfast compiled"]["decode_tok_s"] > 0 and engines["transformers"]["decode_tok_s"] > 0
+    for row in block["rows"]:  # the floor timed next to each run, and the fraction from those pairs
+        (paired,) = row["rounds"]
+        assert paired["floor_ms"] > 0 and paired["decode_ms"] == row["decode_ms_per_step"]
+        assert row["floor_fraction"] == paired["floor_ms"] / paired["decode_ms"]
     assert "| greedy | lcdfast compiled |" in (tmp_path / "results.md").read_text()
