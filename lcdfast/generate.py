@@ -133,7 +133,7 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor
     return tokens.to(device), pad.to(device)
 
 
-def guards_checked(step: int):
+def guards_checked(step: int) -> contextlib.AbstractContextManager:
     """Context for the compiled step's call at loop index `step`: full guards for the first two calls of a generation
     (the first may compile, the second sees the attended span P change), then only the guards that tell cached graphs
     apart (torch.compile's skip_guard_eval_unsafe). Within one generation nothing else they check can change: the

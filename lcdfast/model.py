@@ -98,7 +98,7 @@ class KVCache(nn.Module):
         # slots: [T]; kv: [B, T, 2K, D], keys then values (one copy: one loop, compiled) -> whole cache k, v
         B, T, K2, D = kv.shape
         self.kv.index_copy_(3, slots, kv.view(B, T, 2, K2 // 2, D).permute(2, 0, 3, 1, 4))
-        return self.kv[0], self.kv[1]
+        return self.k, self.v
 
 
 def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
