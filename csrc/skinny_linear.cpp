@@ -51,10 +51,11 @@ inline vec load(const T* p) { return static_cast<float>(*p); }
 #endif
 
 // Outputs come in blocks of kTile weight rows by up to kRows input rows, in kTile x kRows accumulators:
-// 3 x 4 (12 accumulators, 3 weight vectors and an input vector: all 16 AVX2 registers; 7 loads per 12 FMAs) or,
-// where blocks of 4 would end in a block of 1 or 2 rows and blocks of 5 end full or at 4 (M = 9, 10, 14: DoLa's
-// candidate heads at batch 1), 2 x 5 (13 registers). On SmolLM2's head [49152, 576] float32, 2 AVX2 cores, against
-// the 3 x 3 blocks before: M = 8 5.5-6.0 -> 4.6-5.2 ms; M = 9 5.6-6.1 -> 4.8-5.6 ms; M = 72 36 -> 34 ms.
+// 3 x 4 (12 accumulators, 3 weight vectors and an input vector: all 16 AVX2 registers; 7 loads per 12 FMAs);
+// for 6 to 12 rows (DoLa's candidate heads at batch 1, batches up to 12) 1 x M, every input row against each weight
+// row as it streams in, so loads from memory spread evenly over the FMAs (blocks of rows in turn leave the second
+// block without any: with M = 9 on SmolLM2's head, 2 AVX2 cores, 5.15 -> 4.80 ms against 2 x 5 + 2 x 4, paired);
+// 2 x 5 where blocks of 4 would end in a block of 1 or 2 rows and blocks of 5 end full or at 4 (M = 14).
 constexpr int kAhead = 12;  // weight rows between the tile computed and the one prefetched
 
 // sums[n][m] = w[n] . x[m] for kTile weight rows w (stride E) and MR float32 input rows x (stride E).
@@ -86,13 +87,13 @@ void block(const scalar_t* w, const float* x, int64_t E, float (&sums)[kTile][kR
 
 template <int kTile, int kRows, typename scalar_t>
 void any_block(int mr, const scalar_t* w, const float* x, int64_t E, float (&sums)[kTile][kRows], const char* ahead) {
-  static_assert(kRows <= 5, "one case per row count");
+  static_assert(kRows <= 12, "one case per row count");
   switch (mr) {
-    case 1: return block<kTile, kRows, 1>(w, x, E, sums, ahead);
-    case 2: return block<kTile, kRows, 2>(w, x, E, sums, ahead);
-    case 3: return block<kTile, kRows, 3>(w, x, E, sums, ahead);
-    case 4: if constexpr (kRows >= 4) return block<kTile, kRows, 4>(w, x, E, sums, ahead);
-    case 5: if constexpr (kRows >= 5) return block<kTile, kRows, 5>(w, x, E, sums, ahead);
+#define LCDFAST_ROWS(r) \
+    case r: if constexpr (kRows >= r) return block<kTile, kRows, r>(w, x, E, sums, ahead);
+    LCDFAST_ROWS(1) LCDFAST_ROWS(2) LCDFAST_ROWS(3) LCDFAST_ROWS(4) LCDFAST_ROWS(5) LCDFAST_ROWS(6)
+    LCDFAST_ROWS(7) LCDFAST_ROWS(8) LCDFAST_ROWS(9) LCDFAST_ROWS(10) LCDFAST_ROWS(11) LCDFAST_ROWS(12)
+#undef LCDFAST_ROWS
   }
 }
 
@@ -126,7 +127,9 @@ void tiled_rows(const scalar_t* wp, const float* xp, float* op, int64_t M, int64
 
 template <typename scalar_t>
 void skinny_linear_rows(const scalar_t* wp, const float* xp, float* op, int64_t M, int64_t N, int64_t E) {
-  if (M > 5 && (M % 5 == 0 || M % 5 == 4) && (M % 4 == 1 || M % 4 == 2))
+  if (M >= 6 && M <= 12)
+    tiled_rows<1, 12>(wp, xp, op, M, N, E);
+  else if (M > 5 && (M % 5 == 0 || M % 5 == 4) && (M % 4 == 1 || M % 4 == 2))
     tiled_rows<2, 5>(wp, xp, op, M, N, E);
   else
     tiled_rows<3, 4>(wp, xp, op, M, N, E);

@@ -142,16 +142,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Under torch.compile on CPU with few rows (decoding), the product is written as a reduction over `in` with
     the output laid out [out, M]: inductor turns it into one loop over the weight's rows that multiplies each
     row, while it sits in L1, by every input row. That streams the weights at close to the machine's read
-    bandwidth, where BLAS's gemv reaches about 60% of it (bench/: 15.5 vs 25.7 ms for SmolLM2's layers). With
-    more than one row that reduction waits on FMA latency; csrc's skinny_linear (kernels.py), when built, blocks
-    weight rows by input rows in registers and takes the products of 2 to SKINNY_ROWS rows (and, eager, of one)."""
+    bandwidth, where BLAS's gemv reaches about 60% of it (bench/: 15.5 vs 25.7 ms for SmolLM2's layers). More
+    rows are one such reduction per row, which inductor fuses into the same loop, M accumulators side by side (one
+    reduction over [out, M, in] keeps one accumulator and waits on add latency: SmolLM2's head for DoLa's 9 rows
+    14.0 -> 5.6 ms). csrc's skinny_linear (kernels.py), when built, blocks weight rows by input rows in registers
+    and takes the products of 2 to SKINNY_ROWS rows (and, eager, of one)."""
     rows, on_cpu = x.shape[:-1].numel(), x.device.type == "cpu"
     fused = on_cpu and torch.compiler.is_compiling() and rows <= GEMV_ROWS
     if on_cpu and rows <= SKINNY_ROWS and not (fused and rows == 1) and csrc_on(x.device):
         y = torch.ops.lcdfast.skinny_linear(x.reshape(rows, -1), weight)  # [M, out]
-    elif fused:
-        x_rows = realized(x.reshape(1, rows, -1))  # else inductor recomputes x's producers per weight row
-        y = (weight[:, None, :] * x_rows).sum(-1).t().contiguous()  # [out, M] -> row-major [M, out], as F.linear's
+    elif fused and rows == 1:
+        x_rows = realized(x.reshape(1, 1, -1))  # else inductor recomputes x's producers per weight row
+        y = (weight[:, None, :] * x_rows).sum(-1).t().contiguous()  # [out, 1] -> [1, out]
+    elif fused:  # one reduction per input row, fused into one loop over the weight: M accumulators side by side
+        x_rows = realized(x.reshape(rows, -1))
+        y = torch.stack([(weight * x_rows[m]).sum(-1) for m in range(rows)])  # [M, out]
     else:
         return F.linear(x, weight, bias)
     y = y.reshape(*x.shape[:-1], weight.shape[0])
