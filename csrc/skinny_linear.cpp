@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -52,11 +53,14 @@ inline vec load(const T* p) { return static_cast<float>(*p); }
 
 // Outputs come in blocks of kTile weight rows by up to kRows input rows, in kTile x kRows accumulators:
 // 3 x 4 (12 accumulators, 3 weight vectors and an input vector: all 16 AVX2 registers; 7 loads per 12 FMAs);
-// for 6 to 12 rows (DoLa's candidate heads at batch 1, batches up to 12) 1 x M, every input row against each weight
-// row as it streams in, so loads from memory spread evenly over the FMAs (blocks of rows in turn leave the second
-// block without any: with M = 9 on SmolLM2's head, 2 AVX2 cores, 5.15 -> 4.80 ms against 2 x 5 + 2 x 4, paired);
-// 2 x 5 where blocks of 4 would end in a block of 1 or 2 rows and blocks of 5 end full or at 4 (M = 14).
+// for 6 to 12 float32 rows that fit in L1 together (DoLa's candidate heads at batch 1, batch 8 but for the MLP's
+// down projection) 1 x M, every input row against each weight row as it streams in, so loads from memory spread
+// evenly over the FMAs (blocks of rows in turn leave the second block without any). Paired against 2 x 5 + 2 x 4
+// (M = 9) and 3 x 4 (M = 8) on 2 AVX2 cores: SmolLM2's head at 9 rows 5.39 -> 4.95 ms, all of a step's products at
+// 8 rows 26.4 -> 25.1 ms; no gain in bfloat16 (head 4.00 -> 4.13), which keeps the blocks below. 2 x 5 where
+// blocks of 4 would end in a block of 1 or 2 rows and blocks of 5 end full or at 4 (M = 9, 10, 14).
 constexpr int kAhead = 12;  // weight rows between the tile computed and the one prefetched
+constexpr int64_t kRowsInL1 = 24 << 10;  // 1 x M blocks re-read all M input rows per weight row: keep them in L1
 
 // sums[n][m] = w[n] . x[m] for kTile weight rows w (stride E) and MR float32 input rows x (stride E).
 template <int kTile, int kRows, int MR, typename scalar_t>
@@ -127,7 +131,7 @@ void tiled_rows(const scalar_t* wp, const float* xp, float* op, int64_t M, int64
 
 template <typename scalar_t>
 void skinny_linear_rows(const scalar_t* wp, const float* xp, float* op, int64_t M, int64_t N, int64_t E) {
-  if (M >= 6 && M <= 12)
+  if (std::is_same_v<scalar_t, float> && M >= 6 && M <= 12 && M * E * int64_t(sizeof(float)) <= kRowsInL1)
     tiled_rows<1, 12>(wp, xp, op, M, N, E);
   else if (M > 5 && (M % 5 == 0 || M % 5 == 4) && (M % 4 == 1 || M % 4 == 2))
     tiled_rows<2, 5>(wp, xp, op, M, N, E);

@@ -6,6 +6,7 @@ from conftest import VOCAB
 
 from lcdfast.checkpoint import load_model
 from lcdfast.generate import DecodeConfig, decode_step, generate_ids
+from lcdfast.model import linear
 
 CONFIGS = {
     "greedy": DecodeConfig(),
@@ -46,3 +47,14 @@ def test_one_compiled_step_across_batches_cache_sizes_and_methods(tiny_dir):
         eager, _, _, _ = generate_ids(model, prompts, CONFIGS[name], n, [], seed=1)
         compiled, _, _, _ = generate_ids(model, prompts, CONFIGS[name], n, [], seed=1, step_fn=step)
         assert compiled == eager, f"{name}, batch {len(prompts)}, {n} tokens"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9, 12, 13])
+def test_compiled_linear_matches_f_linear(rows):
+    """Compiled, a product of up to GEMV_ROWS rows is one reduction per row fused side by side (model.linear)."""
+    g = torch.Generator().manual_seed(rows)
+    x, weight, bias = torch.randn(rows, 40, generator=g), torch.randn(70, 40, generator=g), torch.randn(70, generator=g)
+    torch.compiler.reset()
+    ours = torch.compile(linear, fullgraph=True, dynamic=False)(x, weight, bias)
+    assert ours.shape == (rows, 70)
+    assert torch.allclose(ours, torch.nn.functional.linear(x, weight, bias), atol=1e-5)

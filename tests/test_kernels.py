@@ -122,10 +122,11 @@ def test_masked_acd_is_exact_with_op(op):
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
 
 
-# (M, N, E): one row and a few; N below, at and off the 3-row and 2-row tiles (3 x 4 blocks, 1 x M for M = 6..12,
-# 2 x 5 for M = 14); E off the 8-lane vector; DoLa's 9 and 72 rows.
+# (M, N, E): one row and a few; N below, at and off the 3-row and 2-row tiles (3 x 4 blocks; 1 x M for 6-12 float32
+# rows that fit in L1, else 2 x 5 for M = 9, 10, 14); E off the 8-lane vector; DoLa's 9 and 72 rows.
 SKINNY_SHAPES = [(1, 1, 5), (2, 2, 8), (1, 3, 16), (3, 7, 37), (5, 10, 64), (9, 500, 576), (4, 301, 33), (72, 50, 24),
-                 (10, 7, 37), (14, 1, 9), (9, 2, 16), (6, 13, 20), (7, 1, 3), (12, 40, 100), (13, 5, 16)]
+                 (10, 7, 37), (14, 1, 9), (9, 2, 16), (6, 13, 20), (7, 1, 3), (12, 40, 100), (13, 5, 16),
+                 (8, 9, 1000), (9, 4, 1001)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
