@@ -5,7 +5,8 @@ once for this CPU, cached in torch's extensions dir (TORCH_EXTENSIONS_DIR, else 
 - `contrast.amateur_logits_at` calls `torch.ops.lcdfast.masked_logits` (the masked contrast op, §4.3) instead of
   its torch reference; the CUDA kernel is built only with a CUDA torch and nvcc;
 - `model.linear` on CPU calls `torch.ops.lcdfast.skinny_linear` for products of up to SKINNY_ROWS rows (decode
-  steps, DoLa's stacked exit heads) instead of BLAS or inductor's reduction (compiled single rows stay there).
+  steps, DoLa's stacked exit heads) instead of BLAS or inductor's reduction (compiled single rows stay there);
+- `contrast.js_divergence` on CPU calls `torch.ops.lcdfast.js_divergence` (DoLa's layer selection in two passes).
 Any failure (no compiler, no ninja, a build error) says so in one line on stderr and leaves the torch path in use;
 nothing here raises. Building needs ninja (`pip install ninja`, in the dev and csrc extras).
 """
@@ -57,7 +58,8 @@ def _build() -> frozenset[str]:
     bin_dir = os.path.dirname(sys.executable)  # where `pip install ninja` puts it, even if the venv isn't active
     if shutil.which("ninja") is None and shutil.which("ninja", path=bin_dir):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    sources, devices = [str(CSRC / "masked_contrast.cpp"), str(CSRC / "skinny_linear.cpp")], {"cpu"}
+    sources = [str(CSRC / name) for name in ("masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp")]
+    devices = {"cpu"}
     cuda_home = cpp_extension.CUDA_HOME
     if torch.cuda.is_available() and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         sources.append(str(CSRC / "masked_contrast_cuda.cu"))
@@ -68,12 +70,18 @@ def _build() -> frozenset[str]:
                        extra_ldflags=["-fopenmp"], is_python_module=False)
     torch.library.register_fake("lcdfast::masked_logits", _masked_logits_fake)
     torch.library.register_fake("lcdfast::skinny_linear", _skinny_linear_fake)
+    torch.library.register_fake("lcdfast::js_divergence", _js_divergence_fake)
     return frozenset(devices)
 
 
 def _masked_logits_fake(hidden: Tensor, head: Tensor, ids: Tensor) -> Tensor:
     """Shapes only, for torch.compile: [B, E], [V, E], [B, K] -> [B, K] float32."""
     return hidden.new_empty(ids.shape, dtype=torch.float32)
+
+
+def _js_divergence_fake(final_logits: Tensor, layer_logits: Tensor) -> Tensor:
+    """[B, V], [L, B, V] -> [L, B] float32."""
+    return layer_logits.new_empty(layer_logits.shape[:2])
 
 
 def _skinny_linear_fake(x: Tensor, weight: Tensor) -> Tensor:

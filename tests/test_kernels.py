@@ -1,5 +1,5 @@
-"""The optional csrc/ ops, the masked contrast op and skinny_linear: against the torch reference and a float64
-re-derivation, eager and under torch.compile, in the model's decode step; and nothing built unless asked for.
+"""The optional csrc/ ops, the masked contrast op, skinny_linear and js_divergence: against the torch reference and a
+float64 re-derivation, eager and under torch.compile, in the model's decode step; and nothing built unless asked for.
 Skipped when the kernels can't be built here."""
 
 import contextlib
@@ -15,7 +15,7 @@ from conftest import VOCAB
 
 from lcdfast import kernels
 from lcdfast.checkpoint import load_model
-from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, amateur_logits_at
+from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, amateur_logits_at, js_divergence
 from lcdfast.generate import DecodeConfig, decode_step, generate_ids
 from lcdfast.model import linear
 
@@ -163,6 +163,55 @@ def test_linear_calls_skinny_with_few_rows(op):
     assert torch.allclose(ours, torch.nn.functional.linear(x, weight, bias), atol=1e-5)
 
 
+def reference_js(final, layers, dtype=torch.float64):
+    """contrast.js_divergence's torch path, in float64 or float32."""
+    kernels._enabled = False
+    try:
+        return js_divergence(final.to(dtype), layers.to(dtype)).double()
+    finally:
+        kernels._enabled = True
+
+
+# (L, B, V): V within one 2048-entry chunk, across chunks, off the 8-lane vector; SmolLM2's and GPT-2's vocabularies
+@pytest.mark.parametrize("L,B,V", [(1, 1, 7), (2, 3, 100), (4, 5, 2049), (8, 1, 49152), (3, 2, 50257)])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
+def test_js_divergence_matches_float64(op, L, B, V, scale):
+    """Layers near the final one (small divergences, where the terms nearly cancel) and far from it."""
+    g = torch.Generator().manual_seed(L * 100 + V)
+    final = torch.randn(B, V, generator=g) * scale
+    layers = final + torch.randn(L, B, V, generator=g) * scale * torch.rand(L, 1, 1, generator=g)
+    ours, exact = torch.ops.lcdfast.js_divergence(final, layers), reference_js(final, layers)
+    assert ours.dtype == torch.float32 and ours.shape == (L, B)
+    # within 1e-4 relative, or where the terms cancel that far, 3x the float32 reference's largest error
+    allowed = 1e-4 * exact.abs() + 3 * (reference_js(final, layers, torch.float32) - exact).abs().max()
+    bad = ((ours.double() - exact).abs() > allowed).nonzero()
+    assert len(bad) == 0, (bad[0].tolist(), ours[tuple(bad[0])].item(), exact[tuple(bad[0])].item())
+    top2 = exact.topk(min(2, L), dim=0).values
+    clear = (top2[0] - top2[-1]) > 1e-3 * top2[0]  # rows whose best layer leads by more than the errors
+    assert torch.equal(ours.argmax(0)[clear], exact.argmax(0)[clear])
+
+
+def test_js_divergence_edges_threads_and_bad_input(op):
+    final, layers = torch.randn(2, 5000), torch.randn(3, 2, 5000)
+    layers[0, 0, :4096] = -float("inf")  # whole chunks of -inf: zero probability, still finite divergences
+    final[1, 7] = -1e30
+    ours, exact = torch.ops.lcdfast.js_divergence(final, layers), reference_js(final, layers)
+    assert first_diff(ours, exact, 1e-10, 2e-4) is None, first_diff(ours, exact, 1e-10, 2e-4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(torch.ops.lcdfast.js_divergence(final, layers), ours)  # chunks summed in order
+    finally:
+        torch.set_num_threads(threads)
+    layers[2, 1, 4999] = float("nan")
+    nan = torch.ops.lcdfast.js_divergence(final, layers).isnan()
+    assert nan[2, 1] and nan.sum() == 1
+    with pytest.raises(RuntimeError, match="don't match final"):
+        torch.ops.lcdfast.js_divergence(final, layers[:, :, :100])
+    with pytest.raises(RuntimeError, match="float32 logits only"):
+        torch.ops.lcdfast.js_divergence(final.double(), layers.double())
+
+
 @pytest.mark.parametrize("name", ["greedy", "dola"])
 def test_decode_with_skinny_linear(op, name, tiny_dir):
     """With the ops on: compiled equals eager token for token, and both pick what the torch path picks."""
@@ -198,7 +247,7 @@ head, hidden, ids = torch.randn(100, 8), torch.randn(2, 8), torch.randint(0, 100
 out = amateur_logits_at(hidden, head, ids)
 assert out.dtype == torch.float32 and torch.equal(out, torch.einsum("be,bke->bk", hidden, head[ids]))
 assert not kernels.load() and kernels._devices is None
-assert not hasattr(torch.ops.lcdfast, "masked_logits") and not hasattr(torch.ops.lcdfast, "skinny_linear")
+assert not any(hasattr(torch.ops.lcdfast, op) for op in ("masked_logits", "skinny_linear", "js_divergence"))
 """
     result = run_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -208,7 +257,8 @@ assert not hasattr(torch.ops.lcdfast, "masked_logits") and not hasattr(torch.ops
 def test_failed_build_says_why_once(tmp_path):
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "masked_contrast.cpp").write_text("this is not C++;\n")
-    (tmp_path / "csrc" / "skinny_linear.cpp").write_text((ROOT / "csrc" / "skinny_linear.cpp").read_text())
+    for name in ("skinny_linear.cpp", "js_divergence.cpp"):
+        (tmp_path / "csrc" / name).write_text((ROOT / "csrc" / name).read_text())
     code = f"""
 from pathlib import Path
 from lcdfast import kernels
