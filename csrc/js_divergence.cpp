@@ -48,19 +48,6 @@ inline float hsum(vec a) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-// Float64 sums of float32 lanes (the terms of a chunk nearly cancel when the distributions are close).
-struct wide_sum {
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  void add(vec a) {
-    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
-    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
-  }
-  double total() const {
-    const __m256d s = _mm256_add_pd(lo, hi);
-    const __m128d t = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(t, _mm_unpackhi_pd(t, t)));
-  }
-};
 
 // e^y for y <= 0 (not NaN), 0 below -87.3: y = n ln 2 + r, |r| <= ln 2 / 2, e^r = 1 + r + r^2/2 + r^3 h(r) with h a
 // cubic fitted at Chebyshev nodes (2e-8 relative), 2^n put into the exponent bits.
@@ -111,11 +98,6 @@ inline vec fma(vec a, vec b, vec c) { return a * b + c; }
 inline bool any_nan(vec a) { return std::isnan(a); }
 inline float hmax(vec a) { return a; }
 inline float hsum(vec a) { return a; }
-struct wide_sum {
-  double sum = 0;
-  void add(vec a) { sum += a; }
-  double total() const { return sum; }
-};
 inline vec exp_nonpositive(vec y) { return std::exp(y); }
 inline vec xlogx(vec m) { return m < FLT_MIN ? 0.f : m * std::log(m); }
 #endif
@@ -162,13 +144,13 @@ double chunk_terms(const float* xp, const float* ep, float p_scale, float p_lse,
   const int64_t body = n - n % kLanes;
   const vec half = splat(0.5f), ps = splat(p_scale), qs = splat(q_scale), p_shift = splat(-p_lse),
             q_shift = splat(-q_lse);
-  wide_sum acc;
+  vec acc = splat(0.f);
   for (int64_t i = 0; i < body; i += kLanes) {
     const vec m = half * fma(load(ep + i), ps, load(eq + i) * qs);
     const vec log_pq = (load(xp + i) + p_shift) + (load(xq + i) + q_shift);  // log p + log q
-    acc.add(xlogx(m) - half * m * log_pq);
+    acc = acc + (xlogx(m) - half * m * log_pq);
   }
-  double sum = acc.total();
+  double sum = hsum(acc);
   for (int64_t i = body; i < n; ++i) {
     const float m = 0.5f * (ep[i] * p_scale + eq[i] * q_scale);
     sum += (m < FLT_MIN ? 0.f : m * std::log(m)) - 0.5f * m * ((xp[i] - p_lse) + (xq[i] - q_lse));
