@@ -1,4 +1,4 @@
-// DoLa's layer selection (DESIGN.md §3.2): the Jensen-Shannon divergence of each candidate layer's next-token
+// DoLa's layer selection (DESIGN.md §3, §4.4): the Jensen-Shannon divergence of each candidate layer's next-token
 // distribution from the final layer's.
 //
 //   js_divergence(final [B, V], layers [L, B, V]) -> [L, B], all float32
@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
