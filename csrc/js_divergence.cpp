@@ -10,7 +10,7 @@
 // Here two passes over vocabulary chunks: each row's max, exponentials (kept) and their sum per chunk, merged into
 // the row's normalizer; then the terms, one log each, summed per chunk and the chunks added in order (the result
 // doesn't depend on the thread count). exp and log are short polynomials good to a few 1e-8 relative (AVX2 where
-// the CPU has it: kernels.py builds with -march=native; else libm), enough for an argmax over layers.
+// the CPU has it, see simd.h; else libm), enough for an argmax over layers.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,32 +22,13 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
-#if defined(__AVX2__) && defined(__FMA__)
-using vec = __m256;
-constexpr int64_t kLanes = 8;
-inline vec splat(float a) { return _mm256_set1_ps(a); }
-inline vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline void store(float* p, vec a) { _mm256_storeu_ps(p, a); }
-inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
-inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline bool any_nan(vec a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0; }
-inline float hmax(vec a) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-inline float hsum(vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+using namespace lcdfast::simd;
 
+#if defined(LCDFAST_AVX2)
 // e^y for y <= 0 (not NaN), 0 below -87.3: y = n ln 2 + r, |r| <= ln 2 / 2, e^r = 1 + r + r^2/2 + r^3 h(r) with h a
 // cubic fitted at Chebyshev nodes (2e-8 relative), 2^n put into the exponent bits.
 inline vec exp_nonpositive(vec y) {
@@ -87,16 +68,6 @@ inline vec xlogx(vec m) {
   return _mm256_andnot_ps(tiny, _mm256_mul_ps(m, log_m));
 }
 #else
-using vec = float;
-constexpr int64_t kLanes = 1;
-inline vec splat(float a) { return a; }
-inline vec load(const float* p) { return *p; }
-inline void store(float* p, vec a) { *p = a; }
-inline vec vmax(vec a, vec b) { return a > b ? a : b; }
-inline vec fma(vec a, vec b, vec c) { return a * b + c; }
-inline bool any_nan(vec a) { return std::isnan(a); }
-inline float hmax(vec a) { return a; }
-inline float hsum(vec a) { return a; }
 inline vec exp_nonpositive(vec y) { return std::exp(y); }
 inline vec xlogx(vec m) { return m < FLT_MIN ? 0.f : m * std::log(m); }
 #endif

@@ -257,7 +257,7 @@ assert not any(hasattr(torch.ops.lcdfast, op) for op in ("masked_logits", "skinn
 def test_failed_build_says_why_once(tmp_path):
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "masked_contrast.cpp").write_text("this is not C++;\n")
-    for name in ("skinny_linear.cpp", "js_divergence.cpp"):
+    for name in ("skinny_linear.cpp", "js_divergence.cpp", "simd.h"):
         (tmp_path / "csrc" / name).write_text((ROOT / "csrc" / name).read_text())
     code = f"""
 from pathlib import Path
