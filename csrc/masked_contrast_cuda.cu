@@ -31,8 +31,8 @@ __global__ void masked_logits_kernel(const scalar_t* __restrict__ hidden, const 
   if (i >= rows) return;  // the whole warp leaves together
   const int64_t id = ids[i];
   CUDA_KERNEL_ASSERT(id >= 0 && id < V);
-  const scalar_t* row = hidden + (i / K) * E;                 // hidden[b, :]
-  const scalar_t* col = head + id * E;       // head[id, :]
+  const scalar_t* row = hidden + (i / K) * E;  // hidden[b, :]
+  const scalar_t* col = head + id * E;         // head[id, :]
   acc_t acc = 0;
   for (int64_t e = lane; e < E; e += kWarpSize) {
     acc += static_cast<acc_t>(row[e]) * static_cast<acc_t>(col[e]);
