@@ -230,6 +230,8 @@ def generate_ids(
         with guards_checked(step):
             token, chosen = step_fn(model, amateur, exit_weights, token[:, None], slot, span(T + step + 1), pad,
                                     seen, noise(), dc)
+        if device.type == "cuda":  # a CUDA graph's outputs live in its pool, which its next replay overwrites
+            token, chosen = token.clone(), chosen.clone()
     t_decode = time.perf_counter() - t1
     stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": steps - 1,
              "prompt_tokens": T, "batch": B}

@@ -11,6 +11,7 @@ Any failure (no compiler, no ninja, a build error) says so in one line on stderr
 nothing here raises. Building needs ninja (`pip install ninja`, in the dev and csrc extras).
 """
 
+import functools
 import os
 import shutil
 import sys
@@ -39,9 +40,7 @@ def load() -> bool:
         try:
             _devices = _build()
         except Exception as e:  # compiler, ninja or build errors alike: fall back to the reference
-            lines = str(e).strip().splitlines() or [""]
-            why = next((line for line in lines if "error:" in line), lines[0]).strip()[:200]
-            print(f"lcdfast: csrc kernel not built ({type(e).__name__}: {why}); using the torch reference",
+            print(f"lcdfast: csrc kernel not built ({type(e).__name__}: {_why(e)}); using the torch reference",
                   file=sys.stderr)
             _devices = frozenset()
     return bool(_devices)
@@ -52,6 +51,12 @@ def csrc_on(device: torch.device) -> bool:
     return _enabled and _devices is not None and device.type in _devices
 
 
+def _why(e: Exception) -> str:
+    """A build error's telling line: the compiler's or linker's first "error:", else the first."""
+    lines = str(e).strip().splitlines() or [""]
+    return next((line for line in lines if "error:" in line), lines[0]).strip()[:200]
+
+
 def _build() -> frozenset[str]:
     from torch.utils import cpp_extension
 
@@ -59,15 +64,21 @@ def _build() -> frozenset[str]:
     if shutil.which("ninja") is None and shutil.which("ninja", path=bin_dir):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     sources = [str(CSRC / name) for name in ("masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp")]
+    # For this CPU (-march=native: skinny_linear's AVX2 path where it has AVX2, FMA and F16C; a cache dir shared
+    # with an older CPU needs its own TORCH_EXTENSIONS_DIR); OpenMP for ATen's parallel_for.
+    build = functools.partial(cpp_extension.load, name="lcdfast_csrc", extra_ldflags=["-fopenmp"],
+                              extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False)
     devices = {"cpu"}
     cuda_home = cpp_extension.CUDA_HOME
     if torch.cuda.is_available() and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        sources.append(str(CSRC / "masked_contrast_cuda.cu"))
-        devices.add("cuda")
-    # For this CPU (-march=native: skinny_linear's AVX2 path where it has AVX2, FMA and F16C; a cache dir shared
-    # with an older CPU needs its own TORCH_EXTENSIONS_DIR); OpenMP for ATen's parallel_for.
-    cpp_extension.load(name="lcdfast_csrc", sources=sources, extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], is_python_module=False)
+        try:
+            build(sources=[*sources, str(CSRC / "masked_contrast_cuda.cu")])
+            devices.add("cuda")
+        except Exception as e:  # e.g. no libcudart under CUDA_HOME: keep the CPU ops
+            print(f"lcdfast: csrc CUDA kernel not built ({type(e).__name__}: {_why(e)}); building the CPU ops alone",
+                  file=sys.stderr)
+    if "cuda" not in devices:
+        build(sources=sources)
     torch.library.register_fake("lcdfast::masked_logits", _masked_logits_fake)
     torch.library.register_fake("lcdfast::skinny_linear", _skinny_linear_fake)
     torch.library.register_fake("lcdfast::js_divergence", _js_divergence_fake)

@@ -269,3 +269,33 @@ assert kernels.enable() is False and kernels.enable() is False
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lcdfast: csrc kernel not built") and "error:" in lines[0], lines
+
+
+def test_failed_cuda_build_keeps_the_cpu_ops(tmp_path):
+    """With a GPU and an nvcc whose build fails (here: any build with the .cu), one line says so and the CPU ops
+    are built alone; the real build is cached where the other tests put it."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    code = f"""
+import torch
+from torch.utils import cpp_extension
+from lcdfast import kernels
+real_load, built = cpp_extension.load, []
+def load(sources, **kwargs):
+    built.append([s.rsplit("/", 1)[1] for s in sources])
+    if any(s.endswith(".cu") for s in sources):
+        raise RuntimeError("Error building extension\\n/usr/bin/ld: error: cannot find -lcudart")
+    return real_load(sources=sources, **kwargs)
+cpp_extension.load, cpp_extension.CUDA_HOME, torch.cuda.is_available = load, {str(tmp_path)!r}, lambda: True
+assert kernels.enable() and kernels._devices == {{"cpu"}}, kernels._devices
+assert built == [["masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp", "masked_contrast_cuda.cu"],
+                 ["masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp"]], built
+assert kernels.csrc_on(torch.device("cpu")) and not kernels.csrc_on(torch.device("cuda"))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "LCDFAST_CSRC"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["lcdfast: csrc CUDA kernel not built (RuntimeError: /usr/bin/ld: error: cannot find -lcudart); "
+                     "building the CPU ops alone"], lines
