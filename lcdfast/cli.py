@@ -171,7 +171,11 @@ def cmd_eval(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["bench"], ["eval"]):  # their own parsers take every later argument, --help and --quick too
+        args = argparse.Namespace(command=argv[0], args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "lens": cmd_lens, "convert": cmd_convert, "bench": cmd_bench,
                 "eval": cmd_eval}
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lcdfast import cli
 from lcdfast.checkpoint import load_model
 from lcdfast.model import Linear
 
@@ -39,10 +40,11 @@ def test_dependent_chain_feeds_each_product_the_last_output(tiny_dir):
 
 
 def test_small_run_writes_json_and_table(tiny_dir, tmp_path):
-    bench = load_bench()
+    """Through `lcdfast bench`, its options passed on as given."""
     model_dir = tiny_dir("llama-tied-gqa")[0]
-    bench.main(["--model", str(model_dir), "--out", str(tmp_path), "--dtypes", "float32", "--batches", "1",
-                "--new-tokens", "6", "--methods", "greedy", "--repeats", "1", "--no-eager", "--no-csrc"])
+    assert cli.main(["bench", "--model", str(model_dir), "--out", str(tmp_path), "--dtypes", "float32",
+                     "--batches", "1", "--new-tokens", "6", "--methods", "greedy", "--repeats", "1", "--no-eager",
+                     "--no-csrc"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     block = results["runs"]["float32 batch 1"]
     floors = block["floors"]

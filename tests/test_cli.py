@@ -213,3 +213,10 @@ def test_generate_with_csrc_ops(tiny_dir, capsys, monkeypatch):
         assert len(err.strip().splitlines()) == 1 and "csrc kernel not built" in err
     tokens = [json.loads(line)["token_ids"] for line in out.strip().splitlines()]
     assert tokens == [json.loads(line)["token_ids"] for line in plain.strip().splitlines()]
+
+
+@pytest.mark.parametrize("command, needle", [("bench", "--quick"), ("eval", "truthfulqa")])
+def test_bench_and_eval_take_their_own_options(command, needle, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and needle in capsys.readouterr().out
