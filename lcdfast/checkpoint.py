@@ -46,6 +46,8 @@ def _require(hf: dict, key: str, path: Path):
 def gpt2_config(hf: dict, path: Path) -> ModelConfig:
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
         raise LcdError(f"{path}: GPT-2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn unsupported")
+    if not hf.get("scale_attn_weights", True):
+        raise LcdError(f"{path}: GPT-2 option scale_attn_weights=false unsupported")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise LcdError(f"{path}: activation_function '{act}' unsupported (expected gelu_new)")
@@ -66,6 +68,8 @@ def opt_config(hf: dict, path: Path) -> ModelConfig:
         raise LcdError(f"{path}: activation_function '{act}' unsupported for OPT (expected relu)")
     dim = _require(hf, "hidden_size", path)
     pre_norm = hf.get("do_layer_norm_before", True)
+    if not hf.get("layer_norm_elementwise_affine", True):
+        raise LcdError(f"{path}: OPT option layer_norm_elementwise_affine=false unsupported")
     return ModelConfig(
         family="opt", vocab_size=_require(hf, "vocab_size", path), dim=dim,
         n_layers=_require(hf, "num_hidden_layers", path), n_heads=_require(hf, "num_attention_heads", path),
@@ -85,9 +89,18 @@ def llama_config(hf: dict, path: Path) -> ModelConfig:
         raise LcdError(f"{path}: hidden_act '{act}' unsupported (expected silu)")
     scaling = hf.get("rope_scaling")
     if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise LcdError(f"{path}: rope_scaling must be an object, got {scaling!r}")
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind not in ("linear", "llama3", "default"):
             raise LcdError(f"{path}: rope_scaling type '{kind}' unsupported (expected linear or llama3)")
+        needed = {"linear": ["factor"], "default": [],
+                  "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+        for key in needed[kind]:
+            if not isinstance(scaling.get(key), int | float) or scaling[key] <= 0:
+                raise LcdError(f"{path}: rope_scaling '{key}' must be a positive number, got {scaling.get(key)!r}")
+    # Mistral: a query sees only the last `sliding_window` positions (itself included)
+    window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
     return ModelConfig(
         family="llama", vocab_size=_require(hf, "vocab_size", path), dim=_require(hf, "hidden_size", path),
         n_layers=_require(hf, "num_hidden_layers", path), n_heads=_require(hf, "num_attention_heads", path),
@@ -95,7 +108,7 @@ def llama_config(hf: dict, path: Path) -> ModelConfig:
         hidden_dim=_require(hf, "intermediate_size", path), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         activation="silu", gated_mlp=True, attn_bias=hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False), positions="rotary", rope_theta=hf.get("rope_theta", 10000.0),
-        rope_scaling=scaling, max_positions=hf.get("max_position_embeddings", 2048),
+        rope_scaling=scaling, max_positions=hf.get("max_position_embeddings", 2048), attention_window=window or 0,
         tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_list(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
     )
@@ -113,9 +126,20 @@ def read_config(model_dir: str | Path) -> ModelConfig:
     if family not in FAMILIES:
         raise LcdError(f"{path}: model_type '{family}' unsupported (expected one of {', '.join(FAMILIES)})")
     try:
-        return FAMILIES[family](hf, path)
+        cfg = FAMILIES[family](hf, path)
     except (TypeError, ValueError, KeyError) as e:
         raise LcdError(f"{path}: bad value ({e})") from None
+    sizes = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "embed_dim",
+             "max_positions"]
+    for name in sizes:  # the config's names for these are in the family functions above
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LcdError(f"{path}: model size '{name}' must be a positive integer, got {value!r}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise LcdError(f"{path}: {cfg.n_heads} attention heads do not split into {cfg.n_kv_heads} key/value heads")
+    if cfg.attention_window < 0 or not isinstance(cfg.attention_window, int):
+        raise LcdError(f"{path}: sliding_window must be a positive integer, got {cfg.attention_window!r}")
+    return cfg
 
 
 # Per family: our parameter name -> (checkpoint names concatenated along dim 0, stored [in, out]).
@@ -179,6 +203,8 @@ def llama_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
     return names
 
 
+# Buffers some checkpoints carry that a model recomputes: GPT-2's causal masks, LLaMA's rotary frequencies.
+IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 NAME_TABLES = {"gpt2": gpt2_names, "opt": opt_names, "llama": llama_names}
 BODY_PREFIXES = {"gpt2": ("transformer.", ""), "opt": ("model.decoder.", "decoder.", ""), "llama": ("model.", "")}
 
@@ -227,7 +253,7 @@ def load_model(
         model = Transformer(cfg)
     expected = model.state_dict()
     expected.setdefault("tok_embeddings.weight", torch.empty(cfg.vocab_size, cfg.embed_dim, device="meta"))
-    state = {}
+    state, used = {}, {"lm_head.weight"}
     for ours, (hf_names, conv1d) in NAME_TABLES[cfg.family](cfg).items():
         parts = []
         for hf_name in hf_names:
@@ -239,7 +265,10 @@ def load_model(
                 tensor = handle.get_tensor(key)
             except (SafetensorError, OSError) as e:
                 raise LcdError(f"{path}: cannot read tensor '{key}' ({e})") from None
+            if not tensor.is_floating_point():
+                raise LcdError(f"{path}: tensor '{key}' has dtype {tensor.dtype}, expected floating point")
             parts.append(tensor)
+            used.add(key)
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
         tensor = tensor.t() if conv1d else tensor
         if tensor.shape != expected[ours].shape:
@@ -257,6 +286,12 @@ def load_model(
         if weight.shape != (cfg.vocab_size, cfg.embed_dim):
             raise LcdError(f"{model_dir}: tensor '{head}' has shape {tuple(weight.shape)}, "
                            f"expected {(cfg.vocab_size, cfg.embed_dim)}")
+    unused = sorted(k for k in tensors if k not in used and not k.endswith(IGNORED))
+    if unused:
+        raise LcdError(f"{model_dir}: unexpected tensor '{unused[0]}' ({len(unused)} unused: config.json describes "
+                       f"a {cfg.family} model of {cfg.n_layers} layers)")
+    if not weight.is_floating_point():
+        raise LcdError(f"{model_dir}: tensor '{head}' has dtype {weight.dtype}, expected floating point")
     state["output.weight"] = weight.to(device=device, dtype=dtype).contiguous()
     if torch.device(device).type == "cpu":
         state = in_huge_pages(state)

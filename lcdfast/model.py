@@ -41,6 +41,7 @@ class ModelConfig:
     position_offset: int = 0  # OPT: 2
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    attention_window: int = 0  # Mistral's sliding_window: a query sees the last W positions, itself included; 0: all
     tie_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -321,6 +322,8 @@ class Transformer(nn.Module):
         # A padding query still sees itself, so no row of the softmax is empty (no NaNs).
         cache_slots = torch.arange(self.max_seq_len, device=slots.device) if span is None else span
         causal = cache_slots[None, :] <= slots[:, None]  # [T, P]
+        if self.config.attention_window:
+            causal = causal & (cache_slots[None, :] > slots[:, None] - self.config.attention_window)
         not_pad = cache_slots[None, :] >= pad[:, None]  # [B, P]
         mask = causal[None] & (not_pad[:, None] | (cache_slots[None, :] == slots[:, None])[None])
         return mask[:, None]

@@ -8,7 +8,7 @@ from conftest import TINY, VOCAB, build_tiny
 
 from lcdfast.checkpoint import HUGE_PAGE, in_huge_pages, load_model
 from lcdfast.contrast import sampling_log_probs
-from lcdfast.generate import DecodeConfig, generate_ids
+from lcdfast.generate import DecodeConfig, decode_step, generate_ids
 
 
 def first_diff(a: list[int], b: list[int]) -> str:
@@ -157,3 +157,37 @@ def test_weights_moved_into_one_huge_page_arena():
     assert moved["c"].data_ptr() - moved["a"].data_ptr() < 2 * HUGE_PAGE  # one contiguous mapping
     moved["a"] += 1  # writable, and no longer the original
     assert not torch.equal(moved["a"], tensors["a"])
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+    """Mistral's sliding_window: a query sees only the last W positions. Logits over a prompt longer than the window,
+    greedy tokens (eager and compiled) past it, and left-padded rows against the same rows alone."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                     max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = transformers.MistralForCausalLM(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.15) if p.dim() == 2 else p.normal_(1.0, 0.1)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(tmp_path)
+    assert model.config.attention_window == 6
+    ids = torch.randint(3, VOCAB, (2, 15))
+    model.setup_caches(2, 32)
+    final, _ = model(ids, torch.arange(15), torch.zeros(2, dtype=torch.long))
+    with torch.no_grad():
+        ref = hf.eval()(ids).logits
+    assert (model.output(final) - ref).abs().max().item() < 1e-4
+    prompt = ids[:1, :9]
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, 9:].tolist()
+    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    for step_fn in (None, step):
+        out, _, _, _ = generate_ids(model, [prompt[0].tolist()], DecodeConfig(), 24, [], step_fn=step_fn)
+        assert out[0] == ref, first_diff(out[0], ref)
+    prompts = [ids[0, :9].tolist(), ids[1, :3].tolist()]
+    batched, _, _, _ = generate_ids(model, prompts, DecodeConfig(), 16, [])
+    assert batched == [generate_ids(model, [p], DecodeConfig(), 16, [])[0][0] for p in prompts]
