@@ -1,5 +1,6 @@
 """The Python API: `lcdfast.load()` -> `Engine` with generate, score, layer_logits and lens."""
 
+import math
 import re
 import sys
 import time
@@ -34,9 +35,10 @@ def dola_candidates(dola_layers: str | list[int] | tuple[int, ...], n_layers: in
     elif dola_layers == "high":
         layers = list(range(n_layers // 2, n_layers, 2) if n_layers <= 40 else range(n_layers - 20, n_layers, 2))
     else:
-        if any(i < 0 for i in dola_layers):
-            raise LcdError(f"dola_layers: negative layer in {list(dola_layers)} (allowed 0..{n_layers - 1})")
-        layers = [i for i in dola_layers if i < n_layers]
+        bad = [i for i in dola_layers if not 0 <= i < n_layers]
+        if bad:
+            raise LcdError(f"dola_layers: layer {bad[0]} outside 0..{n_layers - 1}")
+        layers = sorted(set(dola_layers))  # the order the model yields them in, once each
     if not layers:
         raise LcdError(f"dola_layers: no candidate layer left from {dola_layers!r} (allowed 0..{n_layers - 1})")
     return tuple(layers)
@@ -128,20 +130,22 @@ class Engine:
         n = self.n_layers
         if method not in METHODS:
             raise LcdError(f"method: '{method}' unknown (expected one of {', '.join(METHODS)})")
-        if temperature < 0 or temperature != temperature:
-            raise LcdError(f"temperature: {temperature} must be >= 0")
+        if not 0 <= temperature < math.inf:
+            raise LcdError(f"temperature: {temperature} must be finite and >= 0")
         if not 0 < top_p <= 1:
             raise LcdError(f"top_p: {top_p} must be in (0, 1]")
         if top_k < 0:
             raise LcdError(f"top_k: {top_k} must be >= 0")
-        if repetition_penalty <= 0:
-            raise LcdError(f"repetition_penalty: {repetition_penalty} must be > 0")
+        if not 0 < repetition_penalty < math.inf:
+            raise LcdError(f"repetition_penalty: {repetition_penalty} must be finite and > 0")
         if not 0 < alpha <= 1:
             raise LcdError(f"alpha: {alpha} must be in (0, 1]")
         if min_tokens_to_keep < 1:
             raise LcdError(f"min_tokens_to_keep: {min_tokens_to_keep} must be >= 1")
-        if amateur_temperature <= 0:
-            raise LcdError(f"amateur_temperature: {amateur_temperature} must be > 0")
+        if not 0 < amateur_temperature < math.inf:
+            raise LcdError(f"amateur_temperature: {amateur_temperature} must be finite and > 0")
+        if beta is not None and not 0 <= beta < math.inf:
+            raise LcdError(f"beta: {beta} must be finite and >= 0")
         do_sample = method == "sample" if do_sample is None else do_sample
         if temperature == 0:
             do_sample, temperature = False, 1.0
@@ -164,10 +168,19 @@ class Engine:
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+            return self.check_ids(self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt),
+                                                        add_special_tokens=False))
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise LcdError("prompt: empty after tokenization")
+        return self.check_ids(ids)
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        """`ids` if every one is in the model's vocabulary, else an LcdError naming the first that is not."""
+        V = self.model.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < V), None)
+        if bad is not None:
+            raise LcdError(f"token id {bad} outside the model's vocabulary 0..{V - 1} (a tokenizer for another model?)")
         return ids
 
     def generate(
@@ -178,6 +191,13 @@ class Engine:
 
         `stream(row, text)` receives each row's new text as it is decoded (rows of the current batch)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise LcdError("prompts: expected a string or a non-empty list of strings")
+        if "" in stop:
+            raise LcdError("stop: an empty stop string would stop at once")
+        if not 0 <= seed < 2**63:
+            raise LcdError(f"seed: {seed} outside 0..2**63-1")
         if max_new_tokens < 1:
             raise LcdError(f"max_new_tokens: {max_new_tokens} must be >= 1")
         if batch_size < 1:
@@ -192,7 +212,7 @@ class Engine:
         for start in range(0, len(prompts), batch_size):
             chunk = encoded[start:start + batch_size]
             results += self._generate_batch(prompts[start:start + batch_size], chunk, dc, max_new_tokens, seed,
-                                            stop or [], stream, start)
+                                            stop, stream, start)
         return results
 
     def _generate_batch(self, prompts, encoded, dc, max_new_tokens, seed, stop, stream, offset) -> list[Generation]:
@@ -243,6 +263,8 @@ class Engine:
             method = "greedy"
         if not 0 <= relative_top <= 1:
             raise LcdError(f"relative_top: {relative_top} must be in [0, 1]")
+        if not math.isfinite(relative_top_value):
+            raise LcdError(f"relative_top_value: {relative_top_value} must be finite")
         dc = self.decode_config(method, amateur_layer=amateur_layer, dola_layers=dola_layers, alpha=alpha,
                                 exit_norm=exit_norm, beta=beta, amateur_temperature=amateur_temperature)
         return ScoreConfig(method, dc.exit_layers, dc.exit_norm, dc.alpha, float(relative_top),
@@ -259,15 +281,21 @@ class Engine:
 
         Tokenized as DoLa's scripts do: the continuation's ids are those of prompt + continuation after the
         prompt's own ids. The prompts' shared token prefix (a few-shot demo) is computed once per batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        continuations = [continuations] if isinstance(continuations, str) else list(continuations)
         if len(prompts) != len(continuations):
             raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+        if batch_size < 1:
+            raise LcdError(f"batch_size: {batch_size} must be >= 1")
         configs = [self.score_config(**m) for m in methods]
         results = [[] for _ in configs]
         for start in range(0, len(prompts), batch_size):
             p_ids, c_ids = [], []
             for p, c in zip(prompts[start:start + batch_size], continuations[start:start + batch_size]):
                 ids = self.encode_prompt(p)
-                full = self.tokenizer.encode(p + c)
+                full = self.check_ids(self.tokenizer.encode(p + c))
+                if len(full) <= len(ids):
+                    raise LcdError(f"score: continuation {c!r} adds no token after its prompt")
                 if len(full) > self.max_seq_len:
                     raise LcdError(f"score: prompt + continuation of {len(full)} tokens exceed {self.max_seq_len}")
                 p_ids.append(ids)
@@ -285,36 +313,46 @@ class Engine:
         ids = ids[None] if ids.dim() == 1 else ids
         n = self.n_layers
         layers = list(range(n + 1)) if layers is None else list(layers)
+        if not layers:
+            raise LcdError("layers: empty")
         for j in layers:
             if not 0 <= j <= n:
                 raise LcdError(f"layers: {j} outside 0..{n}")
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise LcdError(f"input_ids: expected [T] or [B, T] token ids, got shape {tuple(ids.shape)}")
+        self.check_ids(ids.flatten().tolist())
         B, T = ids.shape
         if T > self.max_seq_len:
             raise LcdError(f"input_ids: {T} tokens exceed the cache of {self.max_seq_len}")
         self.model.setup_caches(B, T)
+        early = sorted(set(layers) - {n})  # the model yields its exits in layer order, once each
         final, exits = self.model(ids, torch.arange(T, device=ids.device),
-                                  torch.zeros(B, dtype=torch.long, device=ids.device), tuple(layers))
+                                  torch.zeros(B, dtype=torch.long, device=ids.device), tuple(early))
         out = []
-        for k, j in enumerate(layers):
+        for j in layers:
             if j == n:
                 out.append(self.model.output(final).float())
             else:
                 w = self._exit_weights((j,))
-                hidden = self.model.exit_hidden(exits[k], exit_norm)
+                hidden = self.model.exit_hidden(exits[early.index(j)], exit_norm)
                 out.append(linear(hidden, self.model.output.weight if w is None else w[0]).float())
         return torch.stack(out)
 
     def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,
              exit_norm: bool = True) -> dict:
         """Top token and its probability at every layer for the last `last` positions of the prompt."""
+        if last < 1:
+            raise LcdError(f"last: {last} must be >= 1")
         ids = self.encode_prompt(prompt)
-        layers = list(range(self.n_layers + 1)) if layers is None else layers
+        last = min(last, len(ids))
+        layers = list(range(self.n_layers + 1)) if layers is None else list(layers)
         probs = self.layer_logits(ids, layers, exit_norm)[:, 0, -last:].softmax(-1)  # [L, P, V]
         top_p, top_id = probs.max(-1)
         tok = self.tokenizer
         return {"layers": layers,
                 "positions": [tok.decode([t], skip_special_tokens=False) for t in ids[-last:]],
-                "next_of_position": [tok.decode([t], skip_special_tokens=False) for t in ids[-last + 1:]] + [None],
+                "next_of_position": [tok.decode([t], skip_special_tokens=False) for t in ids[len(ids) - last + 1:]]
+                + [None],
                 "top_tokens": [[tok.decode([t], skip_special_tokens=False) for t in row] for row in top_id.tolist()],
                 "top_probs": top_p.tolist()}
 

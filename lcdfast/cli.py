@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except LcdError as e:
         print(f"lcdfast: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output or cache path that can't be written: its message names the path
+        print(f"lcdfast: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lcdfast: interrupted", file=sys.stderr)
         return 130

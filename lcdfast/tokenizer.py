@@ -154,8 +154,8 @@ class Tokenizer:
         try:
             return env.from_string(self.chat_template).render(
                 messages=[{"role": "user", "content": user_message}], add_generation_prompt=True, **tokens)
-        except TemplateError as e:
-            raise LcdError(f"{self.model_dir}: chat template failed to render ({e})") from None
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # the template's own errors too
+            raise LcdError(f"{self.model_dir}: chat template failed to render ({type(e).__name__}: {e})") from None
 
 
 class StreamDecoder:

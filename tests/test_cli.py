@@ -148,7 +148,13 @@ def test_wrong_tensor_shape(broken, capsys):
     (["--method", "acd", "--amateur-layer", "-1"], ["amateur_layer"]),
     (["--method", "acd", "--alpha", "0"], ["alpha", "(0, 1]"]),
     (["--method", "acd", "--alpha", "1.5"], ["alpha"]),
-    (["--method", "dola", "--dola-layers", "7,9"], ["dola_layers", "no candidate"]),
+    (["--method", "dola", "--dola-layers", "7,9"], ["dola_layers", "layer 7 outside 0..5"]),
+    (["--method", "dola", "--dola-layers", "1,99"], ["dola_layers", "layer 99"]),
+    (["--repetition-penalty", "nan"], ["repetition_penalty"]),
+    (["--method", "cd", "--beta", "nan"], ["beta"]),
+    (["--temperature", "inf"], ["temperature"]),
+    (["--stop", ""], ["stop"]),
+    (["--method", "sample", "--seed", str(2**70)], ["seed"]),
     (["--method", "dola", "--dola-layers", "a,b"], ["dola_layers"]),
     (["--method", "cd"], ["amateur"]),
     (["--method", "beam"], ["method", "beam"]),
@@ -220,3 +226,52 @@ def test_bench_and_eval_take_their_own_options(command, needle, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
     assert done.value.code == 0 and needle in capsys.readouterr().out
+
+
+def test_checkpoint_that_disagrees_with_its_config(broken, capsys):
+    """Weights the config doesn't describe, or a config no model can have: one line, never a quiet partial load."""
+    cfg, weights = broken / "config.json", broken / "model.safetensors"
+    good_cfg, good = json.loads(cfg.read_text()), load_file(str(weights))
+
+    def check(config: dict, tensors: dict, *needles: str) -> None:
+        cfg.write_text(json.dumps(config))
+        save_file(tensors, str(weights))
+        assert_one_line_error(*run(capsys, "generate", "--model", broken, "x")[::2], *needles)
+
+    check({**good_cfg, "num_hidden_layers": 2}, good, "unexpected tensor 'model.layers.2.", "2 layers")
+    check(good_cfg, {**good, "model.extra.weight": torch.ones(3)}, "unexpected tensor 'model.extra.weight'")
+    check(good_cfg, {**good, "model.norm.weight": torch.ones(64, dtype=torch.int32)}, "model.norm.weight", "int32")
+    for key, value, needle in [("num_hidden_layers", 0, "n_layers"), ("num_hidden_layers", "six", "n_layers"),
+                               ("num_attention_heads", 0, "n_heads"), ("num_key_value_heads", 3, "key/value"),
+                               ("rope_scaling", {"rope_type": "linear"}, "factor"),
+                               ("rope_scaling", "linear", "rope_scaling")]:
+        check({**good_cfg, key: value}, good, "config.json", needle)
+    build_tiny("gpt2", broken / "gpt2")
+    gpt2_cfg = broken / "gpt2" / "config.json"
+    gpt2_cfg.write_text(json.dumps({**json.loads(gpt2_cfg.read_text()), "scale_attn_weights": False}))
+    assert_one_line_error(*run(capsys, "generate", "--model", broken / "gpt2", "x")[::2], "scale_attn_weights")
+
+
+def test_layer_logits_in_the_order_asked(tiny_dir):
+    engine = lcdfast.load(tiny_dir("llama-untied")[0])
+    ids = engine.tokenizer.encode("The quick brown fox")
+    every = engine.layer_logits(ids)  # layers 0..6
+    picked = engine.layer_logits(ids, [4, 1, 6, 4])
+    assert torch.equal(picked, every[[4, 1, 6, 4]])
+    for bad, needle in [([], "layers: empty"), ([7], "layers: 7")]:
+        with pytest.raises(lcdfast.LcdError, match=needle):
+            engine.layer_logits(ids, bad)
+    with pytest.raises(lcdfast.LcdError, match=f"token id {VOCAB}"):
+        engine.layer_logits([3, VOCAB])
+
+
+@pytest.mark.parametrize("last", [1, 2, 50])
+def test_lens_next_token_of_each_position(last, tiny_dir):
+    engine = lcdfast.load(tiny_dir("llama-untied")[0])
+    prompt = "The quick brown fox"
+    pieces = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in engine.tokenizer.encode(prompt)]
+    view = engine.lens(prompt, last=last)
+    shown = min(last, len(pieces))
+    assert view["positions"] == pieces[-shown:]
+    assert view["next_of_position"] == pieces[len(pieces) - shown + 1:] + [None]
+    assert len(view["top_tokens"][0]) == shown

@@ -10,6 +10,7 @@ from test_models import first_diff
 from lcdfast.api import dola_candidates
 from lcdfast.checkpoint import load_model
 from lcdfast.contrast import acd_log_probs, acd_log_probs_masked, cd_scores, js_divergence, plausible_mask
+from lcdfast.errors import LcdError
 from lcdfast.generate import DecodeConfig, ScoreConfig, generate_ids, score_ids
 
 
@@ -88,7 +89,10 @@ def test_dola_candidate_buckets():
     assert dola_candidates("high", 48, False) == tuple(range(28, 48, 2))
     assert dola_candidates("low", 4, True) == (2,)
     assert dola_candidates("low", 2, True) == (1,)
-    assert dola_candidates("3,5,99", 30, True) == (3, 5)
+    assert dola_candidates("5,3,5", 30, True) == (3, 5)  # in the order the model yields its exits, once each
+    for bad in ("3,5,99", "30", "-1,2"):
+        with pytest.raises(LcdError, match="dola_layers: layer"):
+            dola_candidates(bad, 30, True)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
