@@ -131,6 +131,8 @@ def read_open_ended(path: str | Path, limit: int | None = None) -> list[dict]:
         items.append({"id": str(rec.get("id", lineno)), "prompt": rec["prompt"], "reference": rec["reference"]})
         if len(items) == limit:
             break
+    if not items:
+        raise LcdError(f"{path}: no records")
     return items
 
 
@@ -149,6 +151,8 @@ def _read_csv(path: str | Path, columns: Sequence[str], limit: int | None) -> li
                     break
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise LcdError(f"{path}: cannot read ({e})") from None
+    if not rows:
+        raise LcdError(f"{path}: no rows after the header")
     return rows
 
 
@@ -600,6 +604,8 @@ def main(argv: list[str]) -> None:
         raise LcdError("eval: give the data file (--prompts FILE.jsonl or --data FILE.csv)")
     if not Path(args.data).is_file():
         raise LcdError(f"data: {args.data} is not a file")
+    if args.batch_size < 1:
+        raise LcdError(f"--batch-size: {args.batch_size} must be >= 1")
     engine = load_engine(args)
     methods = parse_methods(args.methods, engine.n_layers)
     common = dict(limit=args.limit, batch_size=args.batch_size)

@@ -167,13 +167,17 @@ def generate_ids(
     B, V = len(prompts), model.config.vocab_size
     tokens, pad = left_pad(prompts, model.config.pad_token_id or 0, device)
     T = tokens.shape[1]
-    cfg = model.config
-    limit = cfg.max_positions if cfg.positions == "learned" else 1 << 30  # not the current cache: it may grow
-    if T + max_new_tokens > limit:
-        raise LcdError(f"max_new_tokens: {T} prompt tokens + {max_new_tokens} exceed the model's {limit} positions")
-    S = cache_length(T + max_new_tokens, limit)
     if dc.method != "cd":
         amateur = None  # an engine may hold one for CD; no other method runs it
+    limit = 1 << 30  # the models' learned positions, not the current cache: it may grow
+    for name, m in (("model", model), ("amateur model", amateur)):
+        cfg = m.config if m is not None else None
+        if cfg is not None and cfg.positions == "learned":
+            limit = min(limit, cfg.max_positions)
+            if T + max_new_tokens > cfg.max_positions:
+                raise LcdError(f"max_new_tokens: {T} prompt tokens + {max_new_tokens} exceed the {name}'s "
+                               f"{cfg.max_positions} positions")
+    S = cache_length(T + max_new_tokens, limit)
     for m in (model, amateur):
         if m is not None:
             m.setup_caches(B, S)

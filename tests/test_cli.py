@@ -195,6 +195,10 @@ def test_cd_from_the_cli(tiny_dir, capsys):
                          amateur, "--max-new-tokens", 6, "--json", "--beta", "0.5")
     assert code == 0, err
     assert json.loads(out)["new_tokens"] >= 1
+    gpt2, _ = tiny_dir("gpt2")  # 256 learned positions
+    code, _, err = run(capsys, "generate", "--model", path, "The fox", "--method", "cd", "--amateur-model", gpt2,
+                       "--max-new-tokens", 300)
+    assert_one_line_error(code, err, "max_new_tokens", "amateur model's 256 positions")
 
 
 def test_console_script_exit_code(tmp_path):

@@ -92,6 +92,13 @@ def test_read_open_ended(tmp_path):
         ev.read_open_ended(tmp_path / "nope.jsonl")
     with pytest.raises(LcdError, match="limit"):
         ev.read_open_ended(path, limit=0)
+    path.write_text("\n")
+    with pytest.raises(LcdError, match=r"p\.jsonl: no records"):
+        ev.read_open_ended(path)
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text(TFQA_CSV.splitlines()[0] + "\n")
+    with pytest.raises(LcdError, match=r"t\.csv: no rows"):
+        ev.read_truthfulqa(csv_path)
 
 
 TFQA_CSV = ("\ufeffType,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
@@ -299,6 +306,9 @@ def test_mauve_on_supplied_features():
 def test_cli_rejects_missing_data_before_loading(tmp_path):
     with pytest.raises(LcdError, match="nope.csv is not a file"):
         ev.main(["factor", str(tmp_path / "nope.csv")])
+    (tmp_path / "d.csv").write_text("x\n")
+    with pytest.raises(LcdError, match="--batch-size: 0"):
+        ev.main(["factor", str(tmp_path / "d.csv"), "--batch-size", "0"])
 
 
 def test_report_writes_summary_per_data_file(tmp_path):
