@@ -155,8 +155,16 @@ def build_tokenizer(reader, path: Path):
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, path, "tokenizer.ggml.merges")]
     types = _field(reader, path, "tokenizer.ggml.token_type", [1] * len(tokens))
     unk = _field(reader, path, "tokenizer.ggml.unknown_token_id", None)
-    bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token=None if unk is None else tokens[unk],
-                     fuse_unk=True)
+    for key in ("bos", "eos", "padding", "unknown"):
+        tid = _field(reader, path, f"tokenizer.ggml.{key}_token_id", None)
+        if tid is not None and not 0 <= tid < len(tokens):
+            raise LcdError(f"{path}: tokenizer.ggml.{key}_token_id {tid} outside the {len(tokens)} tokens")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unknown = next((m for m in merges if not (len(m) == 2 and m[0] in vocab and m[1] in vocab
+                                              and m[0] + m[1] in vocab)), None)
+    if unknown is not None:
+        raise LcdError(f"{path}: tokenizer.ggml.merges entry {' '.join(unknown)!r} names a token not in the vocabulary")
+    bpe = models.BPE(vocab, merges, unk_token=None if unk is None else tokens[unk], fuse_unk=True)
     tok = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if _field(reader, path, "tokenizer.ggml.pre", None) in ("smollm", "starcoder"):

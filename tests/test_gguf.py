@@ -306,3 +306,25 @@ def test_sentencepiece_matches_transformers_llama_tokenizer(tmp_path):
     assert "".join(stream.push(i) for i in ids) + stream.flush() == ours.decode(ids)
     with pytest.raises(LcdError, match="no chat_template"):
         ours.apply_chat_template("hi")
+
+
+def test_bad_tokenizer_fields():
+    """Merges over unknown tokens and special ids past the vocabulary: one line naming the GGUF key."""
+
+    class Field:
+        def __init__(self, value):
+            self.value = value
+
+        def contents(self):
+            return self.value
+
+    class Reader:
+        def __init__(self, **fields):
+            self.fields = {f"tokenizer.ggml.{k}": Field(v) for k, v in fields.items()}
+
+    tokens = ["a", "b", "ab", "<s>"]
+    assert convert.build_tokenizer(Reader(tokens=tokens, merges=["a b"], bos_token_id=3), Path("t.gguf"))[1] == tokens
+    for fields, needle in [(dict(merges=["a c"]), "merges entry 'a c'"), (dict(merges=["b a"]), "merges entry 'b a'"),
+                           (dict(merges=["a b"], eos_token_id=4), "eos_token_id 4 outside the 4 tokens")]:
+        with pytest.raises(LcdError, match=needle):
+            convert.build_tokenizer(Reader(tokens=tokens, **fields), Path("t.gguf"))
