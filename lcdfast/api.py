@@ -44,6 +44,20 @@ def dola_candidates(dola_layers: str | list[int] | tuple[int, ...], n_layers: in
     return tuple(layers)
 
 
+def whole(name: str, value, low: int) -> int:
+    """`value` if it is an int >= low, else an LcdError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise LcdError(f"{name}: {value!r} must be an integer >= {low}")
+    return value
+
+
+def real(name: str, value) -> float:
+    """`value` as a float if it is a number, else an LcdError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LcdError(f"{name}: {value!r} must be a number")
+    return float(value)
+
+
 def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
     """Trained per-layer exit heads from safetensors: keys `...lm_head_<i>.weight`, each [V, E] like the model's."""
     try:
@@ -128,6 +142,13 @@ class Engine:
     ) -> DecodeConfig:
         """Validate options (LcdError naming the argument) and fix the decode step's static shape."""
         n = self.n_layers
+        temperature, top_p, repetition_penalty = real("temperature", temperature), real("top_p", top_p), \
+            real("repetition_penalty", repetition_penalty)
+        alpha, amateur_temperature = real("alpha", alpha), real("amateur_temperature", amateur_temperature)
+        beta = None if beta is None else real("beta", beta)
+        top_k, min_tokens_to_keep = whole("top_k", top_k, 0), whole("min_tokens_to_keep", min_tokens_to_keep, 1)
+        if amateur_layer is not None:
+            whole("amateur_layer", amateur_layer, 0)
         if method not in METHODS:
             raise LcdError(f"method: '{method}' unknown (expected one of {', '.join(METHODS)})")
         if not 0 <= temperature < math.inf:
@@ -190,18 +211,16 @@ class Engine:
         """Generate for each prompt; `options` are decode_config's (method, temperature, top_p, ...).
 
         `stream(row, text)` receives each row's new text as it is decoded (rows of the current batch)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if not prompts or not all(isinstance(p, str) for p in prompts):
+        if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise LcdError("prompts: expected a string or a non-empty list of strings")
         if "" in stop:
             raise LcdError("stop: an empty stop string would stop at once")
-        if not 0 <= seed < 2**63:
+        if whole("seed", seed, 0) >= 2**63:
             raise LcdError(f"seed: {seed} outside 0..2**63-1")
-        if max_new_tokens < 1:
-            raise LcdError(f"max_new_tokens: {max_new_tokens} must be >= 1")
-        if batch_size < 1:
-            raise LcdError(f"batch_size: {batch_size} must be >= 1")
+        whole("max_new_tokens", max_new_tokens, 1)
+        whole("batch_size", batch_size, 1)
         dc = self.decode_config(**options)
         encoded = [self.encode_prompt(p, chat) for p in prompts]
         for p, ids in zip(prompts, encoded):
@@ -285,8 +304,7 @@ class Engine:
         continuations = [continuations] if isinstance(continuations, str) else list(continuations)
         if len(prompts) != len(continuations):
             raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
-        if batch_size < 1:
-            raise LcdError(f"batch_size: {batch_size} must be >= 1")
+        whole("batch_size", batch_size, 1)
         configs = [self.score_config(**m) for m in methods]
         results = [[] for _ in configs]
         for start in range(0, len(prompts), batch_size):
@@ -341,8 +359,7 @@ class Engine:
     def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,
              exit_norm: bool = True) -> dict:
         """Top token and its probability at every layer for the last `last` positions of the prompt."""
-        if last < 1:
-            raise LcdError(f"last: {last} must be >= 1")
+        whole("last", last, 1)
         ids = self.encode_prompt(prompt)
         last = min(last, len(ids))
         layers = list(range(self.n_layers + 1)) if layers is None else list(layers)
@@ -363,7 +380,8 @@ def load(path: str | Path | None = None, dtype: str = "float32", device: str = "
     if path is None:
         from .convert import default_model_dir
         path = default_model_dir()
-    path = Path(path)
+    path, device = Path(path), str(device)  # a torch.device too
+    whole("max_seq_len", max_seq_len, 1)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LcdError(f"device: '{device}' requested but CUDA is not available")
     if device not in ("cpu",) and not device.startswith("cuda"):

@@ -97,11 +97,22 @@ def cmd_generate(args) -> None:
                    amateur_temperature=args.amateur_temperature, exit_norm=args.exit_norm)
     engine.decode_config(**options)  # validate before any work
     streaming = not args.json and len(args.prompt) == 1
-    stream = (lambda row, text: print(text, end="", flush=True)) if streaming else None
-    if streaming:
-        print(args.prompt[0], end="\n" if args.chat else "", flush=True)
+    shown = []  # the prompt is printed with the first new text, so an error before it prints nothing else
+
+    def show_prompt() -> None:
+        if not shown:
+            print(args.prompt[0], end="\n" if args.chat else "", flush=True)
+            shown.append(True)
+
+    def stream(row: int, text: str) -> None:
+        show_prompt()
+        print(text, end="", flush=True)
+
     results = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
-                              chat=args.chat, batch_size=args.batch_size, stream=stream, **options)
+                              chat=args.chat, batch_size=args.batch_size, stream=stream if streaming else None,
+                              **options)
+    if streaming:
+        show_prompt()  # no new text at all (an end-of-sequence token first)
     for r in results:
         if args.json:
             record = {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "new_tokens": r.new_tokens,

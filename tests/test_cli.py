@@ -64,6 +64,30 @@ def test_api_generate_options(tiny_dir):
                                                              add_special_tokens=False))
 
 
+@pytest.mark.parametrize("call, needle", [
+    (lambda e: e.generate(None), "prompts"), (lambda e: e.generate([]), "prompts"),
+    (lambda e: e.generate("x", max_new_tokens=2.5), "max_new_tokens: 2.5"),
+    (lambda e: e.generate("x", method="acd", amateur_layer=1.5), "amateur_layer: 1.5"),
+    (lambda e: e.generate("x", temperature="1"), "temperature: '1'"),
+    (lambda e: e.generate("x", stop=[""]), "stop"),
+    (lambda e: e.score(["a"], [""]), "adds no token"),
+    (lambda e: e.score(["a"], ["b"], batch_size=0), "batch_size: 0"),
+    (lambda e: e.score(["a"], ["b"], method="dola", relative_top_value=float("nan")), "relative_top_value"),
+    (lambda e: e.lens("x", last=0), "last: 0"),
+])
+def test_api_bad_values_name_the_argument(call, needle, tiny_dir):
+    engine = lcdfast.load(tiny_dir("llama-tied-gqa")[0])
+    with pytest.raises(lcdfast.LcdError, match=needle):
+        call(engine)
+
+
+def test_api_stop_given_as_one_string(tiny_dir):
+    engine = lcdfast.load(tiny_dir("llama-tied-gqa")[0])
+    full = engine.generate("The fox", max_new_tokens=24)[0].text
+    cut = full[3:9]
+    assert cut and engine.generate("The fox", max_new_tokens=24, stop=cut)[0].text == full[:full.find(cut)]
+
+
 def test_stop_string_cuts_the_text(tiny_dir):
     engine = lcdfast.load(tiny_dir("llama-untied")[0])
     full = engine.generate("The", max_new_tokens=20)[0]
@@ -170,8 +194,9 @@ def test_bad_arguments(args, needles, tiny_dir, capsys):
 
 def test_prompt_longer_than_cache(tiny_dir, capsys):
     path, _ = tiny_dir("gpt2")  # learned positions: the cache holds n_positions = 256 tokens
-    code, _, err = run(capsys, "generate", "--model", path, "The fox " * 300)
+    code, out, err = run(capsys, "generate", "--model", path, "The fox " * 300)
     assert_one_line_error(code, err, "prompt", "256")
+    assert out == ""  # a streamed prompt is printed only once its text starts
 
 
 def test_amateur_with_another_vocabulary(tiny_dir, tmp_path, capsys):
