@@ -32,13 +32,14 @@ def read_json(path: Path) -> dict:
 
 
 def _eos_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"eos_token_id {value!r} is not a token id or a list of them")
+    return values
 
 
 def _require(hf: dict, key: str, path: Path):
-    if key not in hf:
+    if hf.get(key) is None:
         raise LcdError(f"{path}: missing key '{key}'")
     return hf[key]
 

@@ -54,8 +54,11 @@ class Tokenizer:
         self.bos_token_id: int | None = ids["bos"] if ids["bos"] is not None else model_cfg.get("bos_token_id")
         self.pad_token_id: int | None = ids["pad"] if ids["pad"] is not None else model_cfg.get("pad_token_id")
         self.eos_token_id = ids["eos"]  # the tokenizer's own EOS, appended when add_eos_token
+        source = "generation_config.json" if "eos_token_id" in gen_cfg else "config.json"
         eos = gen_cfg.get("eos_token_id", model_cfg.get("eos_token_id"))
-        eos = [] if eos is None else [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise LcdError(f"{model_dir / source}: eos_token_id {eos!r} is not a token id or a list of them")
         if self.eos_token_id is not None and self.eos_token_id not in eos:
             eos.append(self.eos_token_id)
         self.eos_token_ids: list[int] = eos
@@ -88,17 +91,19 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             try:
-                return Tokenizer(model_dir, hf=HFTokenizer.from_file(str(path)))
+                hf = HFTokenizer.from_file(str(path))
             except Exception as e:  # tokenizers raises plain Exception on a bad file
                 raise LcdError(f"{path}: cannot load ({e})") from None
+            return Tokenizer(model_dir, hf=hf)
         path = model_dir / "tokenizer.model"
         if path.is_file():
             import sentencepiece
 
             try:
-                return Tokenizer(model_dir, sp=sentencepiece.SentencePieceProcessor(model_file=str(path)))
+                sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
             except (OSError, RuntimeError) as e:
                 raise LcdError(f"{path}: cannot load ({e})") from None
+            return Tokenizer(model_dir, sp=sp)
         raise LcdError(f"{model_dir}: no tokenizer.json or tokenizer.model")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -273,8 +273,12 @@ def test_checkpoint_that_disagrees_with_its_config(broken, capsys):
     for key, value, needle in [("num_hidden_layers", 0, "n_layers"), ("num_hidden_layers", "six", "n_layers"),
                                ("num_attention_heads", 0, "n_heads"), ("num_key_value_heads", 3, "key/value"),
                                ("rope_scaling", {"rope_type": "linear"}, "factor"),
-                               ("rope_scaling", "linear", "rope_scaling")]:
+                               ("rope_scaling", "linear", "rope_scaling"), ("hidden_size", None, "'hidden_size'"),
+                               ("eos_token_id", "x", "eos_token_id 'x'")]:
         check({**good_cfg, key: value}, good, "config.json", needle)
+    cfg.write_text(json.dumps(good_cfg))
+    (broken / "generation_config.json").write_text(json.dumps({"eos_token_id": "abc"}))
+    assert_one_line_error(*run(capsys, "generate", "--model", broken, "x")[::2], "generation_config.json: eos_token_id")
     build_tiny("gpt2", broken / "gpt2")
     gpt2_cfg = broken / "gpt2" / "config.json"
     gpt2_cfg.write_text(json.dumps({**json.loads(gpt2_cfg.read_text()), "scale_attn_weights": False}))
