@@ -608,6 +608,12 @@ def main(argv: list[str]) -> None:
         raise LcdError(f"--batch-size: {args.batch_size} must be >= 1")
     engine = load_engine(args)
     methods = parse_methods(args.methods, engine.n_layers)
+    scoring = args.task != "open-ended"
+    for spec in methods:  # every entry's values checked before the first one runs
+        try:
+            (engine.score_config if scoring else engine.decode_config)(**task_options(spec, args.task, scoring))
+        except LcdError as e:
+            raise LcdError(f"methods: '{spec.name}': {e}") from None
     common = dict(limit=args.limit, batch_size=args.batch_size)
     if args.task == "open-ended":
         eval_open_ended(engine, args.data, args.out, methods, max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -39,3 +39,15 @@ def test_eval_commands_end_to_end(tiny_dir, tmp_path):
     assert all(0 <= summary["news_factor"]["methods"][m]["accuracy"] <= 1 for m in ("greedy", "acd", "dola"))
     records = [json.loads(line) for line in (out / "TruthfulQA-scores.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(len(r["methods"]["greedy"]["scores"]) == 4 for r in records[:1])
+
+
+def test_every_method_checked_before_the_first_runs(tiny_dir, tmp_path, capsys):
+    model, _ = tiny_dir("llama-untied")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The quick brown", "reference": " fox"}) + "\n")
+    out = tmp_path / "out"
+    code = main(["eval", "open-ended", str(prompts), "--methods", "greedy,sample/temp=-1", "--model", str(model),
+                 "--out", str(out), "--no-mauve"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "sample/temp=-1" in err[0] and "temperature" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
