@@ -138,7 +138,7 @@ def read_config(model_dir: str | Path) -> ModelConfig:
             raise LcdError(f"{path}: model size '{name}' must be a positive integer, got {value!r}")
     if cfg.n_heads % cfg.n_kv_heads:
         raise LcdError(f"{path}: {cfg.n_heads} attention heads do not split into {cfg.n_kv_heads} key/value heads")
-    if cfg.attention_window < 0 or not isinstance(cfg.attention_window, int):
+    if not isinstance(cfg.attention_window, int) or cfg.attention_window < 0:
         raise LcdError(f"{path}: sliding_window must be a positive integer, got {cfg.attention_window!r}")
     return cfg
 
