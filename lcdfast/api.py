@@ -170,15 +170,17 @@ class Engine:
         do_sample = method == "sample" if do_sample is None else do_sample
         if temperature == 0:
             do_sample, temperature = False, 1.0
+        # layer options are checked whichever method reads them
+        layer = n // 2 if amateur_layer is None else amateur_layer
+        if not 0 <= layer < n:
+            raise LcdError(f"amateur_layer: {layer} outside 0..{n - 1}")
+        candidates = dola_candidates("high" if dola_layers is None else dola_layers, n,
+                                     self.model.config.tie_embeddings)
         exit_layers: tuple[int, ...] = ()
         if method == "acd":
-            layer = n // 2 if amateur_layer is None else amateur_layer
-            if not 0 <= layer < n:
-                raise LcdError(f"amateur_layer: {layer} outside 0..{n - 1}")
             exit_layers = (layer,)
         elif method == "dola":
-            exit_layers = dola_candidates("high" if dola_layers is None else dola_layers, n,
-                                          self.model.config.tie_embeddings)
+            exit_layers = candidates
         elif method == "cd" and self.amateur is None:
             raise LcdError("method cd: needs an amateur model (--amateur-model DIR)")
         if exit_norm is None:

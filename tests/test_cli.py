@@ -170,6 +170,8 @@ def test_wrong_tensor_shape(broken, capsys):
     (["--temperature", "-1"], ["temperature", "-1"]),
     (["--method", "acd", "--amateur-layer", "6"], ["amateur_layer", "0..5"]),
     (["--method", "acd", "--amateur-layer", "-1"], ["amateur_layer"]),
+    (["--amateur-layer", "99"], ["amateur_layer", "0..5"]),
+    (["--method", "acd", "--dola-layers", "abc"], ["dola_layers", "abc"]),
     (["--method", "acd", "--alpha", "0"], ["alpha", "(0, 1]"]),
     (["--method", "acd", "--alpha", "1.5"], ["alpha"]),
     (["--method", "dola", "--dola-layers", "7,9"], ["dola_layers", "layer 7 outside 0..5"]),
