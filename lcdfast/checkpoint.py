@@ -215,8 +215,8 @@ def open_safetensors(model_dir: Path) -> dict[str, tuple[Path, object]]:
     index_path = model_dir / "model.safetensors.index.json"
     if index_path.is_file():
         weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise LcdError(f"{index_path}: missing key 'weight_map'")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise LcdError(f"{index_path}: 'weight_map' must map tensor names to file names")
         files = sorted(set(weight_map.values()))
     elif (model_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]

@@ -50,7 +50,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-        self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.head_dim = self.head_dim or (self.dim // self.n_heads if self.n_heads else 0)  # 0 heads: refused later
         self.hidden_dim = self.hidden_dim or 4 * self.dim
         self.embed_dim = self.embed_dim or self.dim
 

@@ -283,8 +283,14 @@ def test_checkpoint_that_disagrees_with_its_config(broken, capsys):
     assert_one_line_error(*run(capsys, "generate", "--model", broken, "x")[::2], "generation_config.json: eos_token_id")
     build_tiny("gpt2", broken / "gpt2")
     gpt2_cfg = broken / "gpt2" / "config.json"
-    gpt2_cfg.write_text(json.dumps({**json.loads(gpt2_cfg.read_text()), "scale_attn_weights": False}))
-    assert_one_line_error(*run(capsys, "generate", "--model", broken / "gpt2", "x")[::2], "scale_attn_weights")
+    gpt2_good = json.loads(gpt2_cfg.read_text())
+    for key, value, needle in [("scale_attn_weights", False, "scale_attn_weights"), ("n_head", 0, "n_heads")]:
+        gpt2_cfg.write_text(json.dumps({**gpt2_good, key: value}))
+        assert_one_line_error(*run(capsys, "generate", "--model", broken / "gpt2", "x")[::2], needle)
+    cfg.write_text(json.dumps(good_cfg))
+    save_file(good, str(weights))
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": 5}}))
+    assert_one_line_error(*run(capsys, "generate", "--model", broken, "x")[::2], "index.json", "weight_map")
 
 
 def test_layer_logits_in_the_order_asked(tiny_dir):
