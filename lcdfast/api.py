@@ -101,6 +101,8 @@ class Engine:
 
     def set_amateur(self, path: str | Path) -> None:
         """CD's separate amateur model: same vocabulary required; it keeps its own KV cache."""
+        if not isinstance(path, str | Path):
+            raise LcdError(f"amateur model: expected a directory path, got {path!r}")
         ref = self.model.output.weight
         amateur = load_model(path, ref.dtype, ref.device)
         if amateur.config.vocab_size != self.model.config.vocab_size:
@@ -308,6 +310,10 @@ class Engine:
             raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
         whole("batch_size", batch_size, 1)
         configs = [self.score_config(**m) for m in methods]
+        limit = self.max_seq_len
+        if self.amateur is not None and any(c.method == "cd" for c in configs):
+            amateur = self.amateur.config
+            limit = min(limit, amateur.max_positions if amateur.positions == "learned" else limit)
         results = [[] for _ in configs]
         for start in range(0, len(prompts), batch_size):
             p_ids, c_ids = [], []
@@ -316,8 +322,8 @@ class Engine:
                 full = self.check_ids(self.tokenizer.encode(p + c))
                 if len(full) <= len(ids):
                     raise LcdError(f"score: continuation {c!r} adds no token after its prompt")
-                if len(full) > self.max_seq_len:
-                    raise LcdError(f"score: prompt + continuation of {len(full)} tokens exceed {self.max_seq_len}")
+                if len(full) > limit:
+                    raise LcdError(f"score: prompt + continuation of {len(full)} tokens exceed {limit}")
                 p_ids.append(ids)
                 c_ids.append(full[len(ids):])
             for out, totals in zip(results, score_ids(self.model, p_ids, c_ids, configs, self.exit_heads,

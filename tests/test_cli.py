@@ -226,6 +226,12 @@ def test_cd_from_the_cli(tiny_dir, capsys):
     code, _, err = run(capsys, "generate", "--model", path, "The fox", "--method", "cd", "--amateur-model", gpt2,
                        "--max-new-tokens", 300)
     assert_one_line_error(code, err, "max_new_tokens", "amateur model's 256 positions")
+    engine = lcdfast.load(path)
+    engine.set_amateur(gpt2)
+    with pytest.raises(lcdfast.LcdError, match="exceed 256"):
+        engine.score(["The fox " * 300], [" jumps"], method="cd")
+    with pytest.raises(lcdfast.LcdError, match="amateur model: expected a directory path, got None"):
+        engine.set_amateur(None)
 
 
 def test_console_script_exit_code(tmp_path):
