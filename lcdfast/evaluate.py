@@ -610,6 +610,9 @@ def main(argv: list[str]) -> None:
     methods = parse_methods(args.methods, engine.n_layers)
     scoring = args.task != "open-ended"
     for spec in methods:  # every entry's values checked before the first one runs
+        unused = sorted(set(spec.options) & (GENERATE_ONLY if scoring else SCORE_ONLY))
+        if unused:
+            raise LcdError(f"methods: '{spec.name}': {', '.join(unused)} does not apply to {args.task}")
         try:
             (engine.score_config if scoring else engine.decode_config)(**task_options(spec, args.task, scoring))
         except LcdError as e:

@@ -51,3 +51,6 @@ def test_every_method_checked_before_the_first_runs(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "sample/temp=-1" in err[0] and "temperature" in err[0], err
     assert not out.exists() or not any(out.iterdir())
+    code = main(["eval", "open-ended", str(prompts), "--methods", "greedy/rt=0", "--model", str(model),
+                 "--out", str(out), "--no-mauve"])
+    assert code == 2 and "relative_top does not apply to open-ended" in capsys.readouterr().err
