@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .checkpoint import load_model
-from .errors import LcdError
+from .errors import LcdError, whole
 from .generate import METHODS, DecodeConfig, Generation, ScoreConfig, decode_step, generate_ids, score_ids
 from .model import Transformer, linear
 from .tokenizer import StreamDecoder, Tokenizer
@@ -42,13 +42,6 @@ def dola_candidates(dola_layers: str | list[int] | tuple[int, ...], n_layers: in
     if not layers:
         raise LcdError(f"dola_layers: no candidate layer left from {dola_layers!r} (allowed 0..{n_layers - 1})")
     return tuple(layers)
-
-
-def whole(name: str, value, low: int) -> int:
-    """`value` if it is an int >= low, else an LcdError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LcdError(f"{name}: {value!r} must be an integer >= {low}")
-    return value
 
 
 def real(name: str, value) -> float:
@@ -310,10 +303,9 @@ class Engine:
             raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
         whole("batch_size", batch_size, 1)
         configs = [self.score_config(**m) for m in methods]
-        limit = self.max_seq_len
-        if self.amateur is not None and any(c.method == "cd" for c in configs):
-            amateur = self.amateur.config
-            limit = min(limit, amateur.max_positions if amateur.positions == "learned" else limit)
+        limit, amateur = self.max_seq_len, self.amateur
+        if amateur is not None and amateur.config.positions == "learned" and any(c.method == "cd" for c in configs):
+            limit = min(limit, amateur.config.max_positions)
         results = [[] for _ in configs]
         for start in range(0, len(prompts), batch_size):
             p_ids, c_ids = [], []

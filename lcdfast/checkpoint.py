@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .errors import LcdError
+from .errors import LcdError, token_ids, whole
 from .model import ModelConfig, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,13 +29,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise LcdError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _eos_list(value) -> list[int]:
-    values = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"eos_token_id {value!r} is not a token id or a list of them")
-    return values
 
 
 def _require(hf: dict, key: str, path: Path):
@@ -59,7 +52,7 @@ def gpt2_config(hf: dict, path: Path) -> ModelConfig:
         norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation="gelu_tanh", gated_mlp=False, attn_bias=True,
         mlp_bias=True, positions="learned", max_positions=hf.get("n_positions", 1024),
         tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=_eos_list(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        eos_token_ids=token_ids(f"{path}: eos_token_id", hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -80,7 +73,7 @@ def opt_config(hf: dict, path: Path) -> ModelConfig:
         mlp_bias=hf.get("enable_bias", True), positions="learned",
         max_positions=hf.get("max_position_embeddings", 2048), position_offset=2,
         tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=_eos_list(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        eos_token_ids=token_ids(f"{path}: eos_token_id", hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -111,7 +104,7 @@ def llama_config(hf: dict, path: Path) -> ModelConfig:
         mlp_bias=hf.get("mlp_bias", False), positions="rotary", rope_theta=hf.get("rope_theta", 10000.0),
         rope_scaling=scaling, max_positions=hf.get("max_position_embeddings", 2048), attention_window=window or 0,
         tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=_eos_list(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        eos_token_ids=token_ids(f"{path}: eos_token_id", hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -133,13 +126,10 @@ def read_config(model_dir: str | Path) -> ModelConfig:
     sizes = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "embed_dim",
              "max_positions"]
     for name in sizes:  # the config's names for these are in the family functions above
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise LcdError(f"{path}: model size '{name}' must be a positive integer, got {value!r}")
+        whole(f"{path}: model size '{name}'", getattr(cfg, name), 1)
     if cfg.n_heads % cfg.n_kv_heads:
         raise LcdError(f"{path}: {cfg.n_heads} attention heads do not split into {cfg.n_kv_heads} key/value heads")
-    if not isinstance(cfg.attention_window, int) or cfg.attention_window < 0:
-        raise LcdError(f"{path}: sliding_window must be a positive integer, got {cfg.attention_window!r}")
+    whole(f"{path}: sliding_window", cfg.attention_window, 0)
     return cfg
 
 

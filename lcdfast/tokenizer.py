@@ -10,7 +10,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from .errors import LcdError
+from .errors import LcdError, token_ids
 
 
 def _json(path: Path) -> dict:
@@ -56,9 +56,7 @@ class Tokenizer:
         self.eos_token_id = ids["eos"]  # the tokenizer's own EOS, appended when add_eos_token
         source = "generation_config.json" if "eos_token_id" in gen_cfg else "config.json"
         eos = gen_cfg.get("eos_token_id", model_cfg.get("eos_token_id"))
-        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
-            raise LcdError(f"{model_dir / source}: eos_token_id {eos!r} is not a token id or a list of them")
+        eos = token_ids(f"{model_dir / source}: eos_token_id", eos)
         if self.eos_token_id is not None and self.eos_token_id not in eos:
             eos.append(self.eos_token_id)
         self.eos_token_ids: list[int] = eos
