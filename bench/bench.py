@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                     if engine_name == "transformers":
                         run = transformers_run(hf, tok, prompts, HF_METHODS[method], args.new_tokens if r else 8)
                     else:
-                        engine.compiled_step = steps[method] if engine_name == "lcdfast compiled" else None
+                        compiled = engine_name == "lcdfast compiled"
+                        engine.compiled_step, engine.compile_mode = (steps[method], "on") if compiled else (None, "off")
                         run = lcdfast_run(engine, prompts, METHODS[method], args.new_tokens if r else 8)
                     if r:
                         runs[(method, engine_name)].append({**run, "floor_ms": floor_ms})

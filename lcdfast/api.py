@@ -1,5 +1,6 @@
 """The Python API: `lcdfast.load()` -> `Engine` with generate, score, layer_logits and lens."""
 
+import contextlib
 import math
 import re
 import sys
@@ -13,8 +14,18 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .checkpoint import load_model
+from .compiling import StepTimings, expected_costs, fx_cache_counts, step_key, use_cache_dir
 from .errors import LcdError, whole
-from .generate import METHODS, DecodeConfig, Generation, ScoreConfig, decode_step, generate_ids, score_ids
+from .generate import (
+    METHODS,
+    DecodeConfig,
+    Generation,
+    ScoreConfig,
+    decode_step,
+    generate_ids,
+    generation_slots,
+    score_ids,
+)
 from .model import Transformer, linear
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -84,7 +95,13 @@ class Engine:
         self.max_seq_len = min(max_seq_len, cfg.max_positions) if cfg.positions == "learned" else max_seq_len
         self.amateur: Transformer | None = None
         self.exit_heads: dict[int, Tensor] = {}
+        self.compile_mode = "auto"  # "auto": when it pays off (compiling.py) | "on" | "off"
         self.compiled_step: Callable | None = None
+        self.compiled_keys: set[str] = set()  # steps this process has compiled (or tried to)
+        self.timings = StepTimings()
+        # the context a first compile runs in (the CLI shows a status line); `notices` said once each on stderr
+        self.compile_status: Callable[[str], contextlib.AbstractContextManager] = lambda label: contextlib.nullcontext()
+        self.notices: set[str] = set()
         self.prefix_cache: dict = {}  # scoring: the last shared prompt prefix's K/V per model
         self.eos_ids = sorted(set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
 
@@ -107,10 +124,41 @@ class Engine:
         self.exit_heads = load_exit_heads(path, self.model)
 
     def enable_compile(self, mode: str | None = None) -> None:
-        """Compile the decode step (fullgraph, static shapes; CUDA graphs on a GPU); eager stays the fallback."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one graph per config
-        kwargs = {"mode": mode or ("reduce-overhead" if self.model.output.weight.is_cuda else None)}
-        self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **kwargs)
+        """Compile the decode step for every run from now on (fullgraph, static shapes; CUDA graphs on a GPU), not
+        only where it pays off; eager stays the fallback. `mode`: torch.compile's."""
+        self.compile_mode = "on"
+        self._compiled(mode)
+
+    def _compiled(self, mode: str | None = None) -> Callable:
+        if self.compiled_step is None:
+            use_cache_dir()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per config
+            kwargs = {"mode": mode or ("reduce-overhead" if self.model.output.weight.is_cuda else None)}
+            self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **kwargs)
+        return self.compiled_step
+
+    def _say_once(self, kind: str, text: str) -> None:
+        if kind not in self.notices:
+            self.notices.add(kind)
+            print(f"lcdfast: {text}", file=sys.stderr)
+
+    def _plan_step(self, dc: DecodeConfig, batch: int, slots: int, steps: int) -> tuple[Callable, str, bool]:
+        """The step a run uses (compiled or eager), its timing key, and whether it compiles first (a new graph)."""
+        weight = self.model.output.weight
+        key = step_key(self.model_dir, str(weight.dtype).removeprefix("torch."), weight.device.type, dc, batch, slots)
+        if self.compile_mode == "off" or (self.compile_mode == "auto" and steps < 1):
+            return decode_step, key, False
+        if self.compile_mode == "auto" and key not in self.compiled_keys:
+            weight_bytes = sum(t.numel() * t.element_size() for t in self.model.parameters())
+            compile_s, saving_ms = expected_costs(self.timings.get(key), weight.device.type, weight_bytes)
+            if steps * saving_ms / 1000 <= compile_s:
+                self._say_once("eager", f"decoding eagerly: compiling the step would take ~{compile_s:.0f}s to save "
+                               f"~{saving_ms:.1f} ms on each of {steps} steps (--compile to compile anyway)")
+                return decode_step, key, False
+        self._compiled()
+        first = key not in self.compiled_keys
+        self.compiled_keys.add(key)
+        return self._step, key, first
 
     def _step(self, *args):
         """The compiled step, or eager if compiling fails (said once; compilation fails before any state changes)."""
@@ -247,12 +295,22 @@ class Engine:
             return stops
 
         t0 = time.perf_counter()
+        amateur = self.amateur if dc.method == "cd" else None
+        slots = generation_slots(self.model, amateur, max(len(ids) for ids in encoded), max_new_tokens)
+        step, key, first = self._plan_step(dc, len(encoded), slots, max_new_tokens - 1)
+        warmup = self.compile_status(f"{dc.method}, batch {len(encoded)}") if first else None
+        before = fx_cache_counts() if first else (0, 0)
         with torch.inference_mode():
             out, reasons, layers, stats = generate_ids(
-                self.model, encoded, dc, max_new_tokens, self.eos_ids, seed, self.amateur,
-                self._exit_weights(dc.exit_layers), self._step,
-                on_tokens if stream is not None or stop else None)  # no per-token decoding unless needed
+                self.model, encoded, dc, max_new_tokens, self.eos_ids, seed, amateur,
+                self._exit_weights(dc.exit_layers), step,
+                on_tokens if stream is not None or stop else None, warmup)  # no per-token decoding unless needed
         seconds = time.perf_counter() - t0
+        stats["compiled"] = step == self._step and self.compiled_step is not None  # (it may have fallen back)
+        after = fx_cache_counts() if first else (0, 0)
+        stats["compile_cache_hit"] = after[0] > before[0] if first else None
+        stats["compile_uncached"] = after[1] > before[1]
+        self._record(key, stats, first)
         if stream is not None:
             for i, decoder in enumerate(decoders):
                 rest = decoder.flush()
@@ -268,6 +326,18 @@ class Engine:
             results.append(Generation(prompts[i], text, ids, len(encoded[i]), reasons[i], seconds,
                                       layers[i] if dc.method == "dola" else None, stats))
         return results
+
+    def _record(self, key: str, stats: dict, compiled_first: bool) -> None:
+        """Keep this run's step (and compile) times for later runs' choice; runs too short to time say nothing."""
+        values = {}
+        if stats["decode_steps"] >= 8:
+            values["compiled_ms" if stats["compiled"] else "eager_ms"] = \
+                1000 * stats["decode_seconds"] / stats["decode_steps"]
+        if compiled_first and stats["compiled"]:
+            values["warm_s" if stats["compile_cache_hit"] else "cold_s"] = stats["compile_seconds"]
+            values["uncached"] = stats["compile_uncached"]
+        if values:
+            self.timings.update(key, **values)
 
     def score_config(
         self, method: str = "greedy", amateur_layer: int | None = None, dola_layers: str | list[int] | None = None,
@@ -374,9 +444,12 @@ class Engine:
                 "top_probs": top_p.tolist()}
 
 
-def load(path: str | Path | None = None, dtype: str = "float32", device: str = "cpu", compile: bool = False,
+def load(path: str | Path | None = None, dtype: str = "float32", device: str = "cpu", compile: bool | None = None,
          max_seq_len: int = 4096) -> Engine:
-    """Load a checkpoint directory (default: the bundled SmolLM2-135M-Instruct, converted once)."""
+    """Load a checkpoint directory (default: the bundled SmolLM2-135M-Instruct, converted once).
+
+    `compile`: None compiles the decode step for the runs where that pays off (see compiling.py), True for every
+    run, False never."""
     if path is None:
         from .convert import default_model_dir
         path = default_model_dir()
@@ -388,6 +461,10 @@ def load(path: str | Path | None = None, dtype: str = "float32", device: str = "
         raise LcdError(f"device: '{device}' unsupported (expected cpu or cuda)")
     model = load_model(path, dtype, device)
     engine = Engine(model, Tokenizer.load(path), path, max_seq_len)
+    if compile is not None and not isinstance(compile, bool):
+        raise LcdError(f"compile: {compile!r} must be True, False or None")
     if compile:
         engine.enable_compile()
+    elif compile is False:
+        engine.compile_mode = "off"
     return engine

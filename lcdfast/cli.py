@@ -1,20 +1,28 @@
 """`lcdfast` command line: parses, validates, calls the library, prints. Errors: one line, exit code 2."""
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from . import evaluate
 from .errors import LcdError
+from .evaluate import METHOD_SYNTAX
+from .tables import print_table
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="compile the decode step with torch.compile (CUDA graphs on a GPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step with torch.compile (CUDA graphs on a GPU); default: when it pays off")
     p.add_argument("--exit-heads", default=None, help="safetensors file of trained per-layer exit heads")
     p.add_argument("--csrc", action="store_true",
                    help="build (once, needs a C++ compiler and ninja) and use the C++ ops in csrc/ (= LCDFAST_CSRC=1)")
@@ -68,8 +76,41 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER)
 
     e = sub.add_parser("eval", help="evaluation: open-ended | truthfulqa | factor")
-    e.add_argument("args", nargs=argparse.REMAINDER)
+    tasks = e.add_subparsers(dest="task", required=True)
+    for task, default in (("open-ended", "greedy,top-p=0.95,acd,dola"), ("truthfulqa", "greedy,acd,dola"),
+                          ("factor", "greedy,acd,dola")):
+        t = tasks.add_parser(task)
+        t.add_argument("data", nargs="?", help="jsonl (open-ended) or csv file from shared/data")
+        t.add_argument("--prompts", "--data", dest="data_option", default=None, help="the same, as an option")
+        t.add_argument("--methods", default=default, help=METHOD_SYNTAX)
+        t.add_argument("--limit", type=int, default=None, help="first N items only")
+        t.add_argument("--out", default="runs/eval", help="output directory (resumes what is already there)")
+        t.add_argument("--batch-size", type=int, default=8)
+        t.add_argument("--amateur-model", default=None, help="CD's amateur checkpoint directory")
+        add_model_args(t)
+        if task == "open-ended":
+            t.add_argument("--max-new-tokens", type=int, default=128)
+            t.add_argument("--seed", type=int, default=0)
+            t.add_argument("--no-mauve", action="store_true")
+        if task == "factor":
+            t.add_argument("--prefix-column", default=None, help="default: full_prefix for news, else DoLa's")
     return parser
+
+
+@contextlib.contextmanager
+def compile_status(label: str) -> Iterator[None]:
+    """A status line with elapsed time on stderr while a decode step compiles (a spinner on a terminal)."""
+    console, t0 = Console(stderr=True), time.perf_counter()
+    text = f"compiling the decode step ({label}; cached for later runs)"
+    if console.is_terminal:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            progress.add_task(text, total=None)
+            yield
+    else:
+        print(f"lcdfast: {text} ...", file=sys.stderr, flush=True)
+        yield
+    print(f"lcdfast: compiled the decode step ({label}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
 def load_engine(args):
@@ -85,6 +126,9 @@ def load_engine(args):
         engine.set_amateur(args.amateur_model)
     if args.compile:
         engine.enable_compile()
+    elif args.compile is False:
+        engine.compile_mode = "off"
+    engine.compile_status = compile_status
     return engine
 
 
@@ -117,7 +161,9 @@ def cmd_generate(args) -> None:
         if args.json:
             record = {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "new_tokens": r.new_tokens,
                       "prompt_tokens": r.prompt_tokens, "finish_reason": r.finish_reason,
-                      "seconds": round(r.seconds, 4), "method": args.method}
+                      "seconds": round(r.seconds, 4), "method": args.method, "compiled": r.stats["compiled"],
+                      "compile_cache_hit": r.stats["compile_cache_hit"],
+                      **{k: round(r.stats[k], 4) for k in ("prefill_seconds", "compile_seconds", "decode_seconds")}}
             if r.dola_layers is not None:
                 record["dola_layers"] = r.dola_layers
             print(json.dumps(record, ensure_ascii=False))
@@ -134,9 +180,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_lens(args) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     engine = load_engine(args)
     if args.last < 1:
         raise LcdError(f"--last: {args.last} must be >= 1")
@@ -144,17 +187,12 @@ def cmd_lens(args) -> None:
     if args.json:
         print(json.dumps(view, ensure_ascii=False))
         return
-    table = Table(title=f"top next token per layer (exit norm {'on' if args.exit_norm else 'off'})")
-    table.add_column("layer", justify="right")
-    for pos in view["positions"]:
-        table.add_column(repr(pos)[1:-1], justify="left")
+    rows, styles = [], []
     for layer, tokens, probs in zip(view["layers"], view["top_tokens"], view["top_probs"]):
-        cells = []
-        for tok, p in zip(tokens, probs):
-            shade = "bold green" if p > 0.5 else "yellow" if p > 0.2 else "dim"
-            cells.append(f"[{shade}]{repr(tok)[1:-1]} {p:.2f}[/]")
-        table.add_row(str(layer), *cells)
-    Console().print(table)
+        rows.append([str(layer), *(f"{repr(tok)[1:-1]} {p:.2f}" for tok, p in zip(tokens, probs))])
+        styles.append(["", *("bold green" if p > 0.5 else "yellow" if p > 0.2 else "dim" for p in probs)])
+    print_table(f"top next token per layer (exit norm {'on' if args.exit_norm else 'off'})",
+                ["layer", *(repr(pos)[1:-1] for pos in view["positions"])], rows, styles, align="left")
 
 
 def cmd_convert(args) -> None:
@@ -176,14 +214,31 @@ def cmd_bench(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import main as eval_main
-
-    eval_main(args.args)
+    data = args.data_option or args.data
+    if data is None:
+        raise LcdError("eval: give the data file (--prompts FILE.jsonl or --data FILE.csv)")
+    if not Path(data).is_file():
+        raise LcdError(f"data: {data} is not a file")
+    if args.batch_size < 1:
+        raise LcdError(f"--batch-size: {args.batch_size} must be >= 1")
+    if args.compile is None and args.task == "open-ended":
+        args.compile = True  # hundreds of prompts: compiling always pays off
+    engine = load_engine(args)
+    methods = evaluate.parse_methods(args.methods, engine.n_layers)
+    evaluate.check_methods(engine, methods, args.task)
+    common = dict(limit=args.limit, batch_size=args.batch_size)
+    if args.task == "open-ended":
+        evaluate.eval_open_ended(engine, data, args.out, methods, max_new_tokens=args.max_new_tokens,
+                                 seed=args.seed, mauve=not args.no_mauve, **common)
+    elif args.task == "truthfulqa":
+        evaluate.eval_truthfulqa(engine, data, args.out, methods, **common)
+    else:
+        evaluate.eval_factor(engine, data, args.out, methods, prefix_column=args.prefix_column, **common)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["bench"], ["eval"]):  # their own parsers take every later argument, --help and --quick too
+    if argv[:1] == ["bench"]:  # its own parser takes every later argument, --help and --quick too
         args = argparse.Namespace(command=argv[0], args=argv[1:])
     else:
         args = build_parser().parse_args(argv)

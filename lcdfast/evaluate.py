@@ -11,7 +11,6 @@ Definitions follow the released scripts the papers report with:
 Each runner appends one JSONL record per item as soon as it is done and skips items already in its file,
 so an interrupted run resumes where it stopped. Aggregates go to `summary.json`, keyed by data file."""
 
-import argparse
 import csv
 import json
 import math
@@ -23,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.box import SIMPLE
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
-from rich.table import Table
 
 from .errors import LcdError
+from .tables import print_table
 
 console = Console(stderr=True)
 Embedder = Callable[[list[str]], np.ndarray]  # texts -> [N, D]
@@ -299,6 +297,19 @@ def parse_methods(spec: str, n_layers: int) -> list[MethodSpec]:
     return out
 
 
+def check_methods(engine, methods: list[MethodSpec], task: str) -> None:
+    """Every entry's values checked against the engine before the first one runs (LcdError naming the entry)."""
+    scoring = task != "open-ended"
+    for spec in methods:
+        unused = sorted(set(spec.options) & (GENERATE_ONLY if scoring else SCORE_ONLY))
+        if unused:
+            raise LcdError(f"methods: '{spec.name}': {', '.join(unused)} does not apply to {task}")
+        try:
+            (engine.score_config if scoring else engine.decode_config)(**task_options(spec, task, scoring))
+        except LcdError as e:
+            raise LcdError(f"methods: '{spec.name}': {e}") from None
+
+
 def task_options(spec: MethodSpec, task: str, scoring: bool) -> dict:
     """Engine keyword arguments for `spec` in `task`: DoLa's per-task defaults under the entry's own options."""
     opts = {"method": spec.method, **TASK_DEFAULTS[task].get(spec.method, {}), **spec.options}
@@ -518,20 +529,16 @@ SHORT = {"diversity": "div", "coherence": "coh", "new_tokens": "tokens", "second
 
 
 def report(summary: dict, out_dir: str | Path | None = None) -> None:
-    """Print `summary` as a table; with `out_dir`, also store it in out_dir/summary.json under its data file."""
+    """Print `summary` as a table on stdout (markdown when piped); with `out_dir`, also store it in
+    out_dir/summary.json under its data file."""
     rows = summary["methods"]
     keys = list(dict.fromkeys(k for row in rows.values() for k in row if k != "options"))
-    title = f"{summary['task']}: {Path(summary['data']).name} ({summary['items']} items)"
-    table = Table(title=title, box=SIMPLE, min_width=len(title) + 2)
-    table.add_column("method")
-    for k in keys:
-        table.add_column(SHORT.get(k, k), justify="right")
-    for name, row in rows.items():
-        cells = [row.get(k) for k in keys]
-        table.add_row(name, *("-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}" for v in cells))
-    console.print(table)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    print_table(f"{summary['task']}: {Path(summary['data']).name} ({summary['items']} items)",
+                ["method", *(SHORT.get(k, k) for k in keys)],
+                [[name, *(fmt(row.get(k)) for k in keys)] for name, row in rows.items()])
     for note in summary.get("notes", []):
-        console.print(f"note: {note}")
+        print(f"note: {note}")
     if out_dir is not None:
         path = Path(out_dir) / "summary.json"
         try:
@@ -572,56 +579,3 @@ def plot_open_ended(summary: dict, path: str | Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-# ---- command line (`lcdfast eval ...`) -----------------------------------------------------------------------
-
-def main(argv: list[str]) -> None:
-    from .cli import add_model_args, load_engine
-
-    parser = argparse.ArgumentParser(prog="lcdfast eval", description="evaluate decoding methods")
-    sub = parser.add_subparsers(dest="task", required=True)
-    for task, default in (("open-ended", "greedy,top-p=0.95,acd,dola"), ("truthfulqa", "greedy,acd,dola"),
-                          ("factor", "greedy,acd,dola")):
-        p = sub.add_parser(task)
-        p.add_argument("data", nargs="?", help="jsonl (open-ended) or csv file from shared/data")
-        p.add_argument("--prompts", "--data", dest="data_option", default=None, help="the same, as an option")
-        p.add_argument("--methods", default=default, help=METHOD_SYNTAX)
-        p.add_argument("--limit", type=int, default=None, help="first N items only")
-        p.add_argument("--out", default="runs/eval", help="output directory (resumes what is already there)")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--amateur-model", default=None, help="CD's amateur checkpoint directory")
-        add_model_args(p)
-        if task == "open-ended":
-            p.add_argument("--max-new-tokens", type=int, default=128)
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--no-mauve", action="store_true")
-        if task == "factor":
-            p.add_argument("--prefix-column", default=None, help="default: full_prefix for news, else DoLa's")
-    args = parser.parse_args(argv)
-    args.data = args.data_option or args.data
-    if args.data is None:
-        raise LcdError("eval: give the data file (--prompts FILE.jsonl or --data FILE.csv)")
-    if not Path(args.data).is_file():
-        raise LcdError(f"data: {args.data} is not a file")
-    if args.batch_size < 1:
-        raise LcdError(f"--batch-size: {args.batch_size} must be >= 1")
-    engine = load_engine(args)
-    methods = parse_methods(args.methods, engine.n_layers)
-    scoring = args.task != "open-ended"
-    for spec in methods:  # every entry's values checked before the first one runs
-        unused = sorted(set(spec.options) & (GENERATE_ONLY if scoring else SCORE_ONLY))
-        if unused:
-            raise LcdError(f"methods: '{spec.name}': {', '.join(unused)} does not apply to {args.task}")
-        try:
-            (engine.score_config if scoring else engine.decode_config)(**task_options(spec, args.task, scoring))
-        except LcdError as e:
-            raise LcdError(f"methods: '{spec.name}': {e}") from None
-    common = dict(limit=args.limit, batch_size=args.batch_size)
-    if args.task == "open-ended":
-        eval_open_ended(engine, args.data, args.out, methods, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                        mauve=not args.no_mauve, **common)
-    elif args.task == "truthfulqa":
-        eval_truthfulqa(engine, args.data, args.out, methods, **common)
-    else:
-        eval_factor(engine, args.data, args.out, methods, prefix_column=args.prefix_column, **common)

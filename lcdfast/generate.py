@@ -146,6 +146,19 @@ def cache_length(needed: int, limit: int) -> int:
     return min(limit, -(-needed // 256) * 256)
 
 
+def generation_slots(model: Transformer, amateur: Transformer | None, T: int, max_new_tokens: int) -> int:
+    """Cache slots S for T prompt tokens and max_new_tokens, within the models' learned positions (else an error)."""
+    limit = 1 << 30  # the models' learned positions, not the current cache: it may grow
+    for name, m in (("model", model), ("amateur model", amateur)):
+        cfg = m.config if m is not None else None
+        if cfg is not None and cfg.positions == "learned":
+            limit = min(limit, cfg.max_positions)
+            if T + max_new_tokens > cfg.max_positions:
+                raise LcdError(f"max_new_tokens: {T} prompt tokens + {max_new_tokens} exceed the {name}'s "
+                               f"{cfg.max_positions} positions")
+    return cache_length(T + max_new_tokens, limit)
+
+
 @torch.inference_mode()
 def generate_ids(
     model: Transformer,
@@ -158,26 +171,21 @@ def generate_ids(
     exit_weights: Tensor | None = None,
     step_fn: Callable | None = None,
     on_tokens: Callable[[list[int], list[bool]], bool] | None = None,
+    warmup: contextlib.AbstractContextManager | None = None,
 ) -> tuple[list[list[int]], list[str], list[list[int]], dict]:
     """Decode every prompt together. Returns new ids, finish reasons, DoLa layers per step, and timings.
 
     `step_fn` replaces `decode_step` (the compiled version); `on_tokens(tokens, live)` sees each step's
-    tokens on the host and returns True to stop a row early (stop strings) — it is called once per step."""
+    tokens on the host and returns True to stop a row early (stop strings) — it is called once per step.
+    With `warmup`, step_fn is first called once inside that context, before the prefill, so that a compiled
+    step compiles before any token is out; its time is the stats' compile_seconds."""
     device = model.output.weight.device
     B, V = len(prompts), model.config.vocab_size
     tokens, pad = left_pad(prompts, model.config.pad_token_id or 0, device)
     T = tokens.shape[1]
     if dc.method != "cd":
         amateur = None  # an engine may hold one for CD; no other method runs it
-    limit = 1 << 30  # the models' learned positions, not the current cache: it may grow
-    for name, m in (("model", model), ("amateur model", amateur)):
-        cfg = m.config if m is not None else None
-        if cfg is not None and cfg.positions == "learned":
-            limit = min(limit, cfg.max_positions)
-            if T + max_new_tokens > cfg.max_positions:
-                raise LcdError(f"max_new_tokens: {T} prompt tokens + {max_new_tokens} exceed the {name}'s "
-                               f"{cfg.max_positions} positions")
-    S = cache_length(T + max_new_tokens, limit)
+    S = generation_slots(model, amateur, T, max_new_tokens)
     for m in (model, amateur):
         if m is not None:
             m.setup_caches(B, S)
@@ -201,13 +209,26 @@ def generate_ids(
     # (one graph for every P < S). CUDA graphs replay fixed shapes only: there P = S, the whole cache.
     all_slots = torch.arange(S, device=device)
 
+    compiled = step_fn is not decode_step  # eager alone never imports torch._dynamo (a second of start-up)
+
     def span(end: int) -> Tensor:
         if device.type == "cuda":
             return all_slots
         written = all_slots[:end]
-        torch._dynamo.maybe_mark_dynamic(written, 0)
+        if compiled:
+            torch._dynamo.maybe_mark_dynamic(written, 0)
         return written
 
+    t_compile = 0.0
+    if warmup is not None:  # writes K/V into slot T, which the first decode step overwrites before reading it
+        t_compile = time.perf_counter()
+        noise_stand_in = torch.full((B, V), 0.5, device=device) if dc.do_sample else None  # the rows' RNG untouched
+        with warmup:
+            # inputs made as the loop makes them, so that the graph compiled here is the one the loop runs
+            step_fn(model, amateur, exit_weights, tokens[:, -1].clone(memory_format=torch.contiguous_format)[:, None],
+                    torch.tensor([T], device=device), span(T + 1), pad, seen, noise_stand_in, dc)
+        t_compile = time.perf_counter() - t_compile
+        t0 = time.perf_counter()
     # prefill: the whole left-padded prompt [B, T] through the same (eager) step, then one token at a time
     token, chosen = decode_step(model, amateur, exit_weights, tokens, all_slots[:T], span(T), pad, seen, noise(), dc)
     t_prefill = time.perf_counter() - t0
@@ -237,7 +258,8 @@ def generate_ids(
         if device.type == "cuda":  # a CUDA graph's outputs live in its pool, which its next replay overwrites
             token, chosen = token.clone(), chosen.clone()
     t_decode = time.perf_counter() - t1
-    stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": steps - 1,
+    stats = {"prefill_seconds": t_prefill, "compile_seconds": t_compile, "decode_seconds": t_decode,
+             "decode_steps": steps - 1,
              "prompt_tokens": T, "batch": B}
     return out, reasons, layers, stats
 

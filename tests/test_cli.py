@@ -111,6 +111,7 @@ def test_exit_heads(tiny_dir, tmp_path, capsys):
     assert torch.allclose(engine.layer_logits(ids, [3])[0], lcdfast.load(path).layer_logits(ids, [3])[0], atol=1e-5)
     engine.set_exit_heads(tmp_path / "other.safetensors")
     assert not torch.allclose(engine.layer_logits(ids, [3])[0], lcdfast.load(path).layer_logits(ids, [3])[0])
+    capsys.readouterr()  # the API's own notices
     code, _, err = run(capsys, "generate", "--model", path, "x", "--exit-heads", tmp_path / "bad.safetensors")
     assert_one_line_error(code, err, "bad.safetensors", "lm_head_3.weight", "(320, 8)")
 

@@ -58,3 +58,65 @@ def test_compiled_linear_matches_f_linear(rows):
     ours = torch.compile(linear, fullgraph=True, dynamic=False)(x, weight, bias)
     assert ours.shape == (rows, 70)
     assert torch.allclose(ours, torch.nn.functional.linear(x, weight, bias), atol=1e-5)
+
+
+def generate_in_a_new_process(model, home, *options) -> tuple[dict, str]:
+    """`lcdfast generate --json` in a fresh interpreter with LCDFAST_HOME=home: (its record, its stderr)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} | {"LCDFAST_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "lcdfast.cli", "generate", "--model", str(model), "The quick brown",
+                           "--max-new-tokens", "24", "--json", *options], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), done.stderr
+
+
+def test_second_process_reuses_the_compile_cache(tiny_dir, tmp_path):
+    """The decode step's compiled graph is kept under $LCDFAST_HOME: a second process finds it (torch's FX graph cache
+    hit), compiles in less time, and decodes the same tokens as the first and as --no-compile. (Greedy: torch 2.13
+    caches no graph with torch.cond, which ACD's masked contrast and top-p sampling hold.)"""
+    model = tiny_dir("llama-tied-gqa")[0]
+    first, err = generate_in_a_new_process(model, tmp_path, "--compile")
+    assert first["compiled"] and first["compile_cache_hit"] is False and first["compile_seconds"] > 0
+    assert "compiled the decode step (greedy, batch 1)" in err
+    assert any((tmp_path / "compile" / "inductor").iterdir())
+    second, _ = generate_in_a_new_process(model, tmp_path, "--compile")
+    assert second["compiled"] and second["compile_cache_hit"] is True
+    assert second["compile_seconds"] < first["compile_seconds"]
+    eager, _ = generate_in_a_new_process(model, tmp_path, "--no-compile")
+    assert not eager["compiled"] and eager["compile_seconds"] == 0
+    assert first["token_ids"] == second["token_ids"] == eager["token_ids"]
+    assert set(first) >= {"prefill_seconds", "compile_seconds", "decode_seconds"}
+
+
+def test_auto_compiles_only_where_it_pays_off(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Default: eager when the measured (or prior) saving can't repay the compile, said once; compiled once the
+    timings say it pays; the same tokens either way."""
+    import lcdfast
+    from lcdfast import compiling
+
+    monkeypatch.setenv("LCDFAST_HOME", str(tmp_path))
+    engine = lcdfast.load(tiny_dir("llama-tied-gqa")[0])
+    engine.timings = compiling.StepTimings(tmp_path / "timings.json")
+    runs = [engine.generate("The fox", max_new_tokens=20, method="acd") for _ in range(2)]
+    assert not any(r[0].stats["compiled"] for r in runs)
+    assert capsys.readouterr().err.count("decoding eagerly") == 1
+    (key, record), = engine.timings.read().items()
+    assert record["eager_ms"] > 0 and "B=1" in key and "method='acd'" in key
+    engine.timings.update(key, eager_ms=1000.0, compiled_ms=1.0, warm_s=1.0)  # as if compiling saved a second a step
+    compiled = engine.generate("The fox", max_new_tokens=20, method="acd")[0]
+    assert compiled.stats["compiled"] and compiled.stats["compile_seconds"] > 0
+    assert compiled.token_ids == runs[0][0].token_ids
+    assert "compiled_ms" in engine.timings.get(key)
+
+
+def test_expected_costs_use_measurements_then_priors():
+    from lcdfast.compiling import COLD_PRIOR_S, WARM_FRACTION, expected_costs
+
+    assert expected_costs({}, "cpu", 10**9) == (COLD_PRIOR_S, pytest.approx(30.0))  # 100 ms eager at 10 GB/s, 30%
+    assert expected_costs({"cold_s": 50.0, "eager_ms": 20.0}, "cpu", 1) == (50.0 * WARM_FRACTION, pytest.approx(6.0))
+    measured = {"cold_s": 50.0, "warm_s": 4.0, "eager_ms": 20.0, "compiled_ms": 15.0}
+    assert expected_costs(measured, "cpu", 1) == (4.0, 5.0)

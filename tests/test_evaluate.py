@@ -303,12 +303,27 @@ def test_mauve_on_supplied_features():
     assert ev.mauve_score(p[:5], p[:5], notes) is None and "10" in notes[-1]
 
 
-def test_cli_rejects_missing_data_before_loading(tmp_path):
-    with pytest.raises(LcdError, match="nope.csv is not a file"):
-        ev.main(["factor", str(tmp_path / "nope.csv")])
+def test_cli_rejects_missing_data_before_loading(tmp_path, capsys):
+    from lcdfast.cli import main
+
+    assert main(["eval", "factor", str(tmp_path / "nope.csv")]) == 2
+    assert "nope.csv is not a file" in capsys.readouterr().err
     (tmp_path / "d.csv").write_text("x\n")
-    with pytest.raises(LcdError, match="--batch-size: 0"):
-        ev.main(["factor", str(tmp_path / "d.csv"), "--batch-size", "0"])
+    assert main(["eval", "factor", str(tmp_path / "d.csv"), "--batch-size", "0"]) == 2
+    assert "--batch-size: 0" in capsys.readouterr().err
+
+
+def test_report_table_keeps_full_method_names_when_piped(capsys):
+    """Not a terminal (a pipe, a file, capsys): a markdown table, every name whole."""
+    names = ["greedy", "acd:15/alpha=0.05", "dola:low/rp=1.2", "acd:8"]
+    ev.report({"task": "open-ended", "data": "/x/wikinews.jsonl", "items": 3,
+               "methods": {n: {"rep-2": 0.5, "rep-3": 0.25, "rep-4": 0.125, "diversity": 0.3, "coherence": 0.4,
+                               "mauve": None, "new_tokens": 127.5, "seconds": 1462.2} for n in names}})
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | rep-2 | rep-3 | rep-4 | div | coh | mauve | tokens | sec |")
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == names
+    assert "| 0.125 |" in rows[1] and "| 1462.2 |" in rows[1] and "…" not in out
 
 
 def test_report_writes_summary_per_data_file(tmp_path):
