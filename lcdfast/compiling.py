@@ -25,6 +25,7 @@ COLD_PRIOR_S = 60.0  # first compile of a step: 8-100 s measured on 2 CPU cores
 WARM_FRACTION = 0.2  # warm-cache compile / cold compile (11 of 72 s measured for SmolLM2's greedy step)
 PRIOR_BANDWIDTH = 10e9  # bytes/s an eager CPU step reads its weights at, before one is measured
 SAVING_PRIOR = {"cpu": 0.3, "cuda": 0.8}  # share of an eager step compiling saves, before it is measured
+KEEP = 256  # the most recently run steps kept in timings.json
 
 
 def compile_home() -> Path:
@@ -76,7 +77,9 @@ class StepTimings:
 
     def update(self, key: str, **values: float) -> None:
         data = self.read()
-        data[key] = {**(data.get(key) if isinstance(data.get(key), dict) else {}), **values}
+        record = data.pop(key, None)
+        data[key] = {**(record if isinstance(record, dict) else {}), **values}  # the newest last
+        data = dict(list(data.items())[-KEEP:])
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as f:

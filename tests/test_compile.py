@@ -120,3 +120,18 @@ def test_expected_costs_use_measurements_then_priors():
     assert expected_costs({"cold_s": 50.0, "eager_ms": 20.0}, "cpu", 1) == (50.0 * WARM_FRACTION, pytest.approx(6.0))
     measured = {"cold_s": 50.0, "warm_s": 4.0, "eager_ms": 20.0, "compiled_ms": 15.0}
     assert expected_costs(measured, "cpu", 1) == (4.0, 5.0)
+
+
+def test_step_timings_keep_the_newest_and_survive_a_bad_file(tmp_path, monkeypatch):
+    from lcdfast import compiling
+
+    monkeypatch.setattr(compiling, "KEEP", 3)
+    timings = compiling.StepTimings(tmp_path / "t.json")
+    for k in "abcd":
+        timings.update(k, eager_ms=1.0)
+    timings.update("b", compiled_ms=2.0)
+    assert list(timings.read()) == ["c", "d", "b"] and timings.get("b") == {"eager_ms": 1.0, "compiled_ms": 2.0}
+    (tmp_path / "t.json").write_text("{torn")
+    assert timings.get("b") == {}
+    timings.update("e", eager_ms=3.0)
+    assert timings.read() == {"e": {"eager_ms": 3.0}}
