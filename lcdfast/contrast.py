@@ -78,9 +78,17 @@ def acd_log_probs_masked(
 
     if candidates >= expert_logp.shape[-1]:
         return on_vocab(expert_logp, amateur_hidden, head, threshold)
+    return branch(head_size.max() > candidates, on_vocab, on_candidates,
+                  (expert_logp, amateur_hidden, head, threshold))
+
+
+def branch(pred: Tensor, if_true, if_false, operands: tuple[Tensor, ...]) -> Tensor:
+    """torch.cond under torch.compile (no host sync in the step); eager, a Python `if` (torch.cond run eagerly
+    imports Dynamo, a second and a half of start-up)."""
+    if not torch.compiler.is_compiling():
+        return (if_true if pred else if_false)(*operands)
     # realized: inductor (torch 2.13) may lay out cond's operands in an order its branch graphs don't expect
-    operands = tuple(realized(t) for t in (expert_logp, amateur_hidden, head, threshold))
-    return torch.cond(head_size.max() > candidates, on_vocab, on_candidates, operands)
+    return torch.cond(pred, if_true, if_false, tuple(realized(t) for t in operands))
 
 
 def js_divergence(final_logits: Tensor, layer_logits: Tensor) -> Tensor:
@@ -170,7 +178,7 @@ def sampling_log_probs(scores: Tensor, temperature: float, top_k: int, top_p: fl
 
         # the nucleus lies within the top K when their mass reaches top_p; else sort the whole vocabulary (exact)
         fits = (top.cumsum(-1)[..., -1] >= top_p).all()
-        threshold = torch.cond(fits, on_candidates, on_vocab, (realized(probs), realized(top)))
+        threshold = branch(fits, on_candidates, on_vocab, (probs, top))
         scores = scores.masked_fill(probs < threshold, -math.inf)
     return scores.log_softmax(-1)
 
