@@ -146,7 +146,7 @@ class Engine:
         """The step a run uses (compiled or eager), its timing key, and whether it compiles first (a new graph)."""
         weight = self.model.output.weight
         key = step_key(self.model_dir, str(weight.dtype).removeprefix("torch."), weight.device.type, dc, batch, slots)
-        if self.compile_mode == "off" or (self.compile_mode == "auto" and steps < 1):
+        if self.compile_mode == "off" or steps < 1:  # no decode step to compile
             return decode_step, key, False
         if self.compile_mode == "auto" and key not in self.compiled_keys:
             weight_bytes = sum(t.numel() * t.element_size() for t in self.model.parameters())

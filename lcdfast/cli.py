@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def compile_status(label: str) -> Iterator[None]:
-    """A status line with elapsed time on stderr while a decode step compiles (a spinner on a terminal)."""
+def compile_status(engine, label: str) -> Iterator[None]:
+    """A status line with elapsed time on stderr while a decode step compiles (a spinner on a terminal), then
+    how long it took (unless compiling failed: the engine has said so and decodes eagerly)."""
     console, t0 = Console(stderr=True), time.perf_counter()
     text = f"compiling the decode step ({label}; cached for later runs)"
     if console.is_terminal:
@@ -110,7 +111,8 @@ def compile_status(label: str) -> Iterator[None]:
     else:
         print(f"lcdfast: {text} ...", file=sys.stderr, flush=True)
         yield
-    print(f"lcdfast: compiled the decode step ({label}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if engine.compiled_step is not None:
+        print(f"lcdfast: compiled the decode step ({label}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
 def load_engine(args):
@@ -128,7 +130,7 @@ def load_engine(args):
         engine.enable_compile()
     elif args.compile is False:
         engine.compile_mode = "off"
-    engine.compile_status = compile_status
+    engine.compile_status = lambda label: compile_status(engine, label)
     return engine
 
 

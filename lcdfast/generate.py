@@ -221,14 +221,12 @@ def generate_ids(
 
     t_compile = 0.0
     if warmup is not None:  # writes K/V into slot T, which the first decode step overwrites before reading it
-        t_compile = time.perf_counter()
         noise_stand_in = torch.full((B, V), 0.5, device=device) if dc.do_sample else None  # the rows' RNG untouched
         with warmup:
             # inputs made as the loop makes them, so that the graph compiled here is the one the loop runs
             step_fn(model, amateur, exit_weights, tokens[:, -1].clone(memory_format=torch.contiguous_format)[:, None],
                     torch.tensor([T], device=device), span(T + 1), pad, seen, noise_stand_in, dc)
-        t_compile = time.perf_counter() - t_compile
-        t0 = time.perf_counter()
+        t_compile, t0 = time.perf_counter() - t0, time.perf_counter()
     # prefill: the whole left-padded prompt [B, T] through the same (eager) step, then one token at a time
     token, chosen = decode_step(model, amateur, exit_weights, tokens, all_slots[:T], span(T), pad, seen, noise(), dc)
     t_prefill = time.perf_counter() - t0
@@ -259,8 +257,7 @@ def generate_ids(
             token, chosen = token.clone(), chosen.clone()
     t_decode = time.perf_counter() - t1
     stats = {"prefill_seconds": t_prefill, "compile_seconds": t_compile, "decode_seconds": t_decode,
-             "decode_steps": steps - 1,
-             "prompt_tokens": T, "batch": B}
+             "decode_steps": steps - 1, "prompt_tokens": T, "batch": B}
     return out, reasons, layers, stats
 
 
