@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--no-csrc", action="store_true", help="leave csrc/'s C++ ops off (default: build and use them)")
+    p.add_argument("--exit-heads", default=None,
+                   help="a fit-lens or train-heads file: adds the rows acd+heads and dola-high+heads, read through it")
     args = p.parse_args(argv)
     if args.quick:
         args.dtypes, args.batches, args.new_tokens, args.methods, args.repeats = \
@@ -252,6 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
+    if args.exit_heads:
+        for m in ("acd", "dola-high"):
+            METHODS[f"{m}+heads"] = {**METHODS[m], "exit_heads": args.exit_heads}
+            methods += [f"{m}+heads"] if m in methods else []
     for m in methods:
         if m not in METHODS:
             sys.exit(f"bench: --methods: '{m}' unknown (expected {', '.join(METHODS)})")

@@ -2,15 +2,12 @@
 
 import contextlib
 import math
-import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
 from .checkpoint import load_model
@@ -20,13 +17,16 @@ from .generate import (
     METHODS,
     DecodeConfig,
     Generation,
+    Readout,
     ScoreConfig,
     decode_step,
+    exit_logits,
     generate_ids,
     generation_slots,
     score_ids,
 )
-from .model import Transformer, linear
+from .heads import ExitHeads, load_exit_heads, shared_head_auto_layer
+from .model import Transformer
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -62,30 +62,6 @@ def real(name: str, value) -> float:
     return float(value)
 
 
-def load_exit_heads(path: str | Path, model: Transformer) -> dict[int, Tensor]:
-    """Trained per-layer exit heads from safetensors: keys `...lm_head_<i>.weight`, each [V, E] like the model's."""
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, FileNotFoundError) as e:
-        raise LcdError(f"{path}: cannot read exit heads ({e})") from None
-    cfg, heads = model.config, {}
-    ref = model.output.weight
-    want = (cfg.vocab_size, cfg.embed_dim)
-    for key, tensor in tensors.items():
-        m = re.search(r"lm_head_(\d+)\.weight$", key)
-        if m is None:
-            continue
-        layer = int(m.group(1))
-        if not 0 <= layer <= cfg.n_layers:
-            raise LcdError(f"{path}: head '{key}' is for layer {layer}, model has layers 0..{cfg.n_layers}")
-        if tuple(tensor.shape) != want:
-            raise LcdError(f"{path}: head '{key}' has shape {tuple(tensor.shape)}, expected {want}")
-        heads[layer] = tensor.to(dtype=ref.dtype, device=ref.device).contiguous()
-    if not heads:
-        raise LcdError(f"{path}: no tensors named 'lm_head_<layer>.weight'")
-    return heads
-
-
 class Engine:
     """A loaded model, its tokenizer and options; every CLI command is a call on this."""
 
@@ -94,7 +70,9 @@ class Engine:
         cfg = model.config
         self.max_seq_len = min(max_seq_len, cfg.max_positions) if cfg.positions == "learned" else max_seq_len
         self.amateur: Transformer | None = None
-        self.exit_heads: dict[int, Tensor] = {}
+        self.exit_heads: ExitHeads | None = None  # --exit-heads: fitted lenses or trained heads per layer
+        self._readouts: dict[tuple, Readout] = {}
+        self._files: dict[str, ExitHeads] = {}  # exit heads' files read so far, by path
         self.compile_mode = "auto"  # "auto": when it pays off (compiling.py) | "on" | "off"
         self.compiled_step: Callable | None = None
         self.compiled_keys: set[str] = set()  # steps this process has compiled (or tried to)
@@ -120,8 +98,16 @@ class Engine:
                            f"expert's {self.model.config.vocab_size}")
         self.amateur = amateur
 
-    def set_exit_heads(self, path: str | Path) -> None:
-        self.exit_heads = load_exit_heads(path, self.model)
+    def set_exit_heads(self, path: str | Path | None) -> None:
+        """Read the exit layers through a file's lenses or trained heads (heads.py); None: the shared head again."""
+        self.exit_heads = None if path is None else self.read_exit_heads(path)
+
+    def read_exit_heads(self, path: str | Path) -> ExitHeads:
+        """An exit heads' file for this model (heads.load_exit_heads), read once per path."""
+        key = str(path)
+        if key not in self._files:
+            self._files[key] = load_exit_heads(path, self.model)
+        return self._files[key]
 
     def enable_compile(self, mode: str | None = None) -> None:
         """Compile the decode step for every run from now on (fullgraph, static shapes; CUDA graphs on a GPU), not
@@ -171,26 +157,69 @@ class Engine:
                 self.compiled_step = None
         return decode_step(*args)
 
-    def _exit_weights(self, layers: tuple[int, ...]) -> Tensor | None:
-        if not any(j in self.exit_heads for j in layers):
+    def _readout(self, layers: tuple[int, ...], path: str) -> Readout | None:
+        """File `path`'s tensors for `layers` ("": the shared head), stacked once; LcdError for a layer it lacks."""
+        if not path or not layers:
             return None
-        return torch.stack([self.exit_heads.get(j, self.model.output.weight) for j in layers])
+        heads = self.read_exit_heads(path)
+        if (layers, path) not in self._readouts:
+            missing = [j for j in layers if j not in heads.layers]
+            if missing:
+                raise LcdError(f"--exit-heads {heads.path}: no {heads.kind} for layer {missing[0]} (the file has "
+                               f"layers {','.join(map(str, heads.layers))})")
+            if heads.kind == "lens":
+                readout = Readout(None, torch.stack([heads.lens[j][0] for j in layers]),
+                                  torch.stack([heads.lens[j][1] for j in layers]))
+            else:
+                readout = Readout(torch.stack([heads.heads[j] for j in layers]))
+            self._readouts[layers, path] = readout
+        return self._readouts[layers, path]
+
+    def _score_readout(self, sc: ScoreConfig) -> Readout | None:
+        return self._readout(sc.exit_layers, sc.exit_heads)
+
+    def auto_layer(self, heads: "ExitHeads | None" = None) -> int:
+        """`amateur_layer="auto"`: the layer heads.auto_layer chose for this model when the exit heads' file was
+        made (from held-out statistics, heads.py), else the one it chooses for the shared head on the model's
+        own text (computed once per model and kept under $LCDFAST_HOME)."""
+        if heads is not None:
+            if heads.auto_layer(self.n_layers) is not None:
+                return heads.auto_layer(self.n_layers)
+            if len(heads.layers) == 1:
+                return heads.layers[0]
+            raise LcdError(f"--exit-heads {heads.path}: records no automatic layer (made by another tool?); "
+                           "give --amateur-layer")
+        return shared_head_auto_layer(self)
 
     def decode_config(
         self, method: str = "greedy", do_sample: bool | None = None, temperature: float = 1.0, top_k: int = 0,
-        top_p: float = 1.0, repetition_penalty: float = 1.0, amateur_layer: int | None = None,
+        top_p: float = 1.0, repetition_penalty: float = 1.0, amateur_layer: int | str | None = None,
         dola_layers: str | list[int] | None = None, dola_batch_mode: bool = False, alpha: float = 0.1,
         min_tokens_to_keep: int = 1, beta: float | None = None, amateur_temperature: float = 1.0,
-        exit_norm: bool | None = None,
+        exit_norm: bool | None = None, contrast_special: bool = False, exit_heads: str | Path | None = None,
     ) -> DecodeConfig:
-        """Validate options (LcdError naming the argument) and fix the decode step's static shape."""
+        """Validate options (LcdError naming the argument) and fix the decode step's static shape.
+
+        `exit_heads`: a file of lenses or trained heads for this config's exit layers (None: the engine's, from
+        set_exit_heads, if any; "": the shared head)."""
         n = self.n_layers
+        if exit_heads is None:
+            heads = self.exit_heads
+        elif not isinstance(exit_heads, str | Path):
+            raise LcdError(f"exit_heads: {exit_heads!r} must be a file path")
+        else:
+            heads = self.read_exit_heads(exit_heads) if str(exit_heads) else None
+        path = "" if heads is None else str(heads.path)
         temperature, top_p, repetition_penalty = real("temperature", temperature), real("top_p", top_p), \
             real("repetition_penalty", repetition_penalty)
         alpha, amateur_temperature = real("alpha", alpha), real("amateur_temperature", amateur_temperature)
         beta = None if beta is None else real("beta", beta)
         top_k, min_tokens_to_keep = whole("top_k", top_k, 0), whole("min_tokens_to_keep", min_tokens_to_keep, 1)
-        if amateur_layer is not None:
+        if amateur_layer == "auto":
+            amateur_layer = self.auto_layer(heads)
+        elif amateur_layer is not None:
+            if isinstance(amateur_layer, str):
+                raise LcdError(f"amateur_layer: {amateur_layer!r} must be a layer index or 'auto'")
             whole("amateur_layer", amateur_layer, 0)
         if method not in METHODS:
             raise LcdError(f"method: '{method}' unknown (expected one of {', '.join(METHODS)})")
@@ -226,11 +255,20 @@ class Engine:
             exit_layers = candidates
         elif method == "cd" and self.amateur is None:
             raise LcdError("method cd: needs an amateur model (--amateur-model DIR)")
-        if exit_norm is None:
-            exit_norm = method != "dola"
+        self._readout(exit_layers, path)  # the exit heads' file has every layer read
+        if exit_norm is None:  # DoLa's reference reads its layers unnormed; a lens was fitted through the norm
+            exit_norm = method != "dola" or (heads is not None and heads.kind == "lens")
+        special = () if contrast_special or method not in ("acd", "cd") else self.special_ids
         return DecodeConfig(method, do_sample, float(temperature), int(top_k), float(top_p),
                             float(repetition_penalty), float(alpha), int(min_tokens_to_keep), exit_layers,
-                            exit_norm, dola_batch_mode, beta, float(amateur_temperature))
+                            exit_norm, dola_batch_mode, beta, float(amateur_temperature), special_ids=special,
+                            exit_heads=path)
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """The tokens ACD and CD leave out of the contrast by default: special/control tokens and EOS ids."""
+        V = self.model.config.vocab_size
+        return tuple(i for i in sorted(set(self.tokenizer.special_token_ids()) | set(self.eos_ids)) if 0 <= i < V)
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
@@ -303,7 +341,7 @@ class Engine:
         with torch.inference_mode():
             out, reasons, layers, stats = generate_ids(
                 self.model, encoded, dc, max_new_tokens, self.eos_ids, seed, amateur,
-                self._exit_weights(dc.exit_layers), step,
+                self._readout(dc.exit_layers, dc.exit_heads), step,
                 on_tokens if stream is not None or stop else None, warmup)  # no per-token decoding unless needed
         seconds = time.perf_counter() - t0
         stats["compiled"] = step == self._step and self.compiled_step is not None  # (it may have fallen back)
@@ -340,9 +378,11 @@ class Engine:
             self.timings.update(key, **values)
 
     def score_config(
-        self, method: str = "greedy", amateur_layer: int | None = None, dola_layers: str | list[int] | None = None,
-        alpha: float = 0.1, relative_top: float = 0.1, relative_top_value: float = -1000.0, post_softmax: bool = True,
-        exit_norm: bool | None = None, beta: float | None = None, amateur_temperature: float = 1.0,
+        self, method: str = "greedy", amateur_layer: int | str | None = None,
+        dola_layers: str | list[int] | None = None, alpha: float = 0.1, relative_top: float = 0.1,
+        relative_top_value: float = -1000.0, post_softmax: bool = True, exit_norm: bool | None = None,
+        beta: float | None = None, amateur_temperature: float = 1.0, contrast_special: bool = False,
+        exit_heads: str | Path | None = None,
     ) -> ScoreConfig:
         """Validate one scoring recipe (LcdError naming the argument); see generate.method_log_scores."""
         if method == "sample":
@@ -352,9 +392,11 @@ class Engine:
         if not math.isfinite(relative_top_value):
             raise LcdError(f"relative_top_value: {relative_top_value} must be finite")
         dc = self.decode_config(method, amateur_layer=amateur_layer, dola_layers=dola_layers, alpha=alpha,
-                                exit_norm=exit_norm, beta=beta, amateur_temperature=amateur_temperature)
+                                exit_norm=exit_norm, beta=beta, amateur_temperature=amateur_temperature,
+                                contrast_special=contrast_special, exit_heads=exit_heads)
         return ScoreConfig(method, dc.exit_layers, dc.exit_norm, dc.alpha, float(relative_top),
-                           float(relative_top_value), post_softmax, beta, dc.amateur_temperature)
+                           float(relative_top_value), post_softmax, beta, dc.amateur_temperature,
+                           dc.special_ids if method == "acd" else (), dc.exit_heads)
 
     def score(self, prompts: list[str], continuations: list[str], batch_size: int = 8, **options) -> list[float]:
         """Log-likelihood of each continuation after its prompt under one method (options: score_config's)."""
@@ -388,15 +430,17 @@ class Engine:
                     raise LcdError(f"score: prompt + continuation of {len(full)} tokens exceed {limit}")
                 p_ids.append(ids)
                 c_ids.append(full[len(ids):])
-            for out, totals in zip(results, score_ids(self.model, p_ids, c_ids, configs, self.exit_heads,
-                                                      self.amateur, self.prefix_cache)):
+            scored = score_ids(self.model, p_ids, c_ids, configs, self._score_readout, self.amateur, self.prefix_cache)
+            for out, totals in zip(results, scored):
                 out += totals
         return results
 
     @torch.inference_mode()
     def layer_logits(self, input_ids: Tensor | list[int], layers: list[int] | None = None,
                      exit_norm: bool = True) -> Tensor:
-        """Early-exit logits [L, B, T, V] (float32) at `layers` (default 0..N); layer N is the model's output."""
+        """Early-exit logits [L, B, T, V] (float32) at `layers` (default 0..N); layer N is the model's output.
+        Layers the engine's exit heads (set_exit_heads) cover are read through them, the others through the shared
+        head."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.model.output.weight.device)
         ids = ids[None] if ids.dim() == 1 else ids
         n = self.n_layers
@@ -414,6 +458,11 @@ class Engine:
             raise LcdError(f"input_ids: {T} tokens exceed the cache of {self.max_seq_len}")
         self.model.setup_caches(B, T)
         early = sorted(set(layers) - {n})  # the model yields its exits in layer order, once each
+        heads = self.exit_heads
+
+        def readout(j: int) -> Readout | None:  # through the engine's exit heads where they have the layer
+            return self._readout((j,), str(heads.path)) if heads is not None and j in heads.layers else None
+
         final, exits = self.model(ids, torch.arange(T, device=ids.device),
                                   torch.zeros(B, dtype=torch.long, device=ids.device), tuple(early))
         out = []
@@ -421,18 +470,20 @@ class Engine:
             if j == n:
                 out.append(self.model.output(final).float())
             else:
-                w = self._exit_weights((j,))
-                hidden = self.model.exit_hidden(exits[early.index(j)], exit_norm)
-                out.append(linear(hidden, self.model.output.weight if w is None else w[0]).float())
+                out.append(exit_logits(self.model, exits[early.index(j)][None], exit_norm, readout(j))[0])
         return torch.stack(out)
 
     def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,
              exit_norm: bool = True) -> dict:
-        """Top token and its probability at every layer for the last `last` positions of the prompt."""
+        """Top token and its probability at every layer (default: every layer, or those of the engine's exit heads
+        and the last) for the last `last` positions of the prompt."""
         whole("last", last, 1)
         ids = self.encode_prompt(prompt)
         last = min(last, len(ids))
-        layers = list(range(self.n_layers + 1)) if layers is None else list(layers)
+        if layers is None:
+            heads = self.exit_heads
+            layers = sorted({*heads.layers, self.n_layers}) if heads is not None else list(range(self.n_layers + 1))
+        layers = list(layers)
         probs = self.layer_logits(ids, layers, exit_norm)[:, 0, -last:].softmax(-1)  # [L, P, V]
         top_p, top_id = probs.max(-1)
         tok = self.tokenizer

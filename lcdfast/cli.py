@@ -23,14 +23,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step with torch.compile (CUDA graphs on a GPU); default: when it pays off")
-    p.add_argument("--exit-heads", default=None, help="safetensors file of trained per-layer exit heads")
+    p.add_argument("--exit-heads", default=None,
+                   help="safetensors file of per-layer exit heads: a lens from fit-lens or heads from train-heads")
     p.add_argument("--csrc", action="store_true",
                    help="build (once, needs a C++ compiler and ninja) and use the C++ ops in csrc/ (= LCDFAST_CSRC=1)")
 
 
+def layer_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a layer index or auto") from None
+
+
 def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="greedy", help="greedy | sample | acd | dola | cd")
-    p.add_argument("--amateur-layer", type=int, default=None, help="ACD amateur layer (default N // 2)")
+    p.add_argument("--amateur-layer", type=layer_arg, default=None,
+                   help="ACD amateur layer, or auto (the exit heads' file's choice; see README) (default N // 2)")
+    p.add_argument("--contrast-special", action="store_true",
+                   help="contrast special tokens too (EOS, end of turn); default: they keep the expert's probability")
     p.add_argument("--dola-layers", default=None, help="DoLa candidates: low | high | i,j,k (default high)")
     p.add_argument("--dola-batch-mode", action="store_true", help="one DoLa layer for the whole batch")
     p.add_argument("--alpha", type=float, default=0.1, help="plausibility threshold (relative to the top token)")
@@ -67,6 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--last", type=int, default=6, help="how many final positions to show")
     lens.add_argument("--exit-norm", action=argparse.BooleanOptionalAction, default=True)
     lens.add_argument("--json", action="store_true")
+
+    f = sub.add_parser("fit-lens", help="fit a lens per layer (affine translators for the shared head)")
+    add_model_args(f)
+    f.add_argument("--data", nargs="+", required=True, help="JSONL/JSON/CSV (a text field) or plain text files")
+    f.add_argument("--layers", default="all", help="all | i,j,.. (default all)")
+    f.add_argument("--tokens", type=int, default=200_000, help="tokens to fit on (default 200000)")
+    f.add_argument("--refine-steps", type=int, default=0,
+                   help="then refine by the tuned-lens objective (KL from the final layer) for S steps")
+    f.add_argument("--out", default="lens.safetensors")
+
+    h = sub.add_parser("train-heads", help="train an exit head per layer (the ACD paper's multi-exit heads)")
+    add_model_args(h)
+    h.add_argument("--data", nargs="+", required=True, help="JSONL/JSON/CSV (a text field) or plain text files")
+    h.add_argument("--layers", required=True, help="i,j,..")
+    h.add_argument("--tokens", type=int, default=100_000, help="tokens of training data (default 100000)")
+    h.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one pass over the tokens)")
+    h.add_argument("--tokens-per-step", type=int, default=2048)
+    h.add_argument("--lr", type=float, default=1e-4)
+    h.add_argument("--out", default="heads.safetensors")
 
     c = sub.add_parser("convert", help="GGUF file -> checkpoint directory")
     c.add_argument("gguf")
@@ -140,7 +172,8 @@ def cmd_generate(args) -> None:
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    amateur_layer=args.amateur_layer, dola_layers=args.dola_layers,
                    dola_batch_mode=args.dola_batch_mode, alpha=args.alpha, beta=args.beta,
-                   amateur_temperature=args.amateur_temperature, exit_norm=args.exit_norm)
+                   amateur_temperature=args.amateur_temperature, exit_norm=args.exit_norm,
+                   contrast_special=args.contrast_special)
     engine.decode_config(**options)  # validate before any work
     streaming = not args.json and len(args.prompt) == 1
     shown = []  # the prompt is printed with the first new text, so an error before it prints nothing else
@@ -197,6 +230,39 @@ def cmd_lens(args) -> None:
                 ["layer", *(repr(pos)[1:-1] for pos in view["positions"])], rows, styles, align="left")
 
 
+def cmd_fit_lens(args) -> None:
+    from .heads import fit_lens, parse_layers, save_exit_heads
+
+    if args.tokens < 2:
+        raise LcdError(f"--tokens: {args.tokens} must be >= 2")
+    if args.refine_steps < 0:
+        raise LcdError(f"--refine-steps: {args.refine_steps} must be >= 0")
+    engine = load_engine(args)
+    layers = parse_layers(args.layers, engine.n_layers, allow_final=True)
+    fit = fit_lens(engine, args.data, layers, args.tokens, args.refine_steps)
+    out = save_exit_heads(args.out, engine.model, "lens", fit["tensors"], fit["info"])
+    info = fit["info"]
+    auto = f"; automatic amateur layer {info['auto_layer']}" if "auto_layer" in info else ""
+    print(f"wrote {out}: {len(layers)} lenses fitted on {info['tokens']} tokens in {info['seconds']:.1f}s{auto}")
+
+
+def cmd_train_heads(args) -> None:
+    from .heads import parse_layers, seconds_per_100k, train_heads
+
+    for name in ("tokens", "tokens_per_step", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LcdError(f"--{name.replace('_', '-')}: {value} must be >= 1")
+    if not args.lr > 0:
+        raise LcdError(f"--lr: {args.lr} must be > 0")
+    engine = load_engine(args)
+    layers = parse_layers(args.layers, engine.n_layers, allow_final=False)
+    info = train_heads(engine, args.data, layers, args.out, args.tokens, args.steps, args.tokens_per_step, args.lr)
+    print(f"wrote {args.out}: heads for layers {','.join(map(str, layers))}, {info['steps']} steps, loss "
+          f"{info['losses'][0]:.3f} -> {info['losses'][-1]:.3f}, {info['seconds']:.1f}s "
+          f"({seconds_per_100k(info):.1f}s per 100k tokens per layer)")
+
+
 def cmd_convert(args) -> None:
     from .convert import convert_gguf
 
@@ -245,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "lens": cmd_lens, "convert": cmd_convert, "bench": cmd_bench,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "fit-lens": cmd_fit_lens, "train-heads": cmd_train_heads}
     try:
         commands[args.command](args)
     except LcdError as e:

@@ -26,15 +26,20 @@ def head_threshold(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int) -
 
 
 def acd_log_probs(
-    expert_logits: Tensor, amateur_logits: Tensor, alpha: float = 0.1, min_tokens_to_keep: int = 1
+    expert_logits: Tensor, amateur_logits: Tensor, alpha: float = 0.1, min_tokens_to_keep: int = 1,
+    special: Tensor | None = None,
 ) -> Tensor:
     """ACD (autocontrastive-gen): log q, a full normalized distribution [B, V].
 
     On V_head, q = softmax_{V_head}(log p_e - log p_a) * p_e(V_head); elsewhere q = p_e.
     The amateur's normalizer cancels in the softmax, so raw amateur logits suffice on V_head.
+    `special` [V] bool: tokens kept out of the contrast — they keep p_e, and the contrast redistributes
+    p_e(V_head minus them) over the rest of V_head (None: the reference formula).
     """
     expert_logp = expert_logits.log_softmax(-1)
     mask = plausible_mask(expert_logp, alpha, min_tokens_to_keep)
+    if special is not None:
+        mask = mask & ~special
     contrast = torch.where(mask, expert_logp - amateur_logits, -math.inf)
     head_mass = torch.where(mask, expert_logp, -math.inf).logsumexp(-1, keepdim=True)  # log p_e(V_head)
     return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)
@@ -50,7 +55,7 @@ def amateur_logits_at(hidden: Tensor, head: Tensor, token_ids: Tensor) -> Tensor
 
 def acd_log_probs_masked(
     expert_logits: Tensor, amateur_hidden: Tensor, head: Tensor, alpha: float = 0.1, min_tokens_to_keep: int = 1,
-    candidates: int = 64,
+    candidates: int = 64, special: Tensor | None = None,
 ) -> Tensor:
     """acd_log_probs with the amateur's logits computed only on V_head (DESIGN.md §4.3). [B, V].
     `head` is an LM head weight [V, E].
@@ -64,6 +69,8 @@ def acd_log_probs_masked(
     def on_candidates(expert_logp: Tensor, amateur_hidden: Tensor, head: Tensor, threshold: Tensor) -> Tensor:
         top_logp, top_ids = expert_logp.topk(candidates, dim=-1)  # [B, K]
         in_head = top_logp >= threshold
+        if special is not None:
+            in_head = in_head & ~special[top_ids]
         contrast = torch.where(in_head, top_logp - amateur_logits_at(amateur_hidden, head, top_ids).float(),
                                -math.inf)
         head_mass = torch.where(in_head, top_logp, -math.inf).logsumexp(-1, keepdim=True)
@@ -71,6 +78,8 @@ def acd_log_probs_masked(
 
     def on_vocab(expert_logp: Tensor, amateur_hidden: Tensor, head: Tensor, threshold: Tensor) -> Tensor:
         mask = expert_logp >= threshold
+        if special is not None:
+            mask = mask & ~special
         amateur_logits = linear(amateur_hidden, head).float()
         contrast = torch.where(mask, expert_logp - amateur_logits, -math.inf)
         head_mass = torch.where(mask, expert_logp, -math.inf).logsumexp(-1, keepdim=True)
@@ -140,10 +149,13 @@ def cd_scores(
     beta: float | None = None,
     amateur_temperature: float = 1.0,
     min_tokens_to_keep: int = 1,
+    special: Tensor | None = None,
 ) -> Tensor:
     """Contrastive decoding with a separate amateur model, -inf outside V_head. [B, V].
 
     Plain (Li et al.): log p_e - log p_a(z_a / tau). Beta form (O'Brien & Lewis): (1 + beta) z_e - beta z_a.
+    `special` [V] bool: tokens kept out of the contrast. As log-probabilities, they keep log p_e and the rest of
+    V_head shares the remaining mass 1 - p_e(special in V_head) as softmax(scores) over it (None: the reference).
     """
     expert_logp = expert_logits.log_softmax(-1)
     mask = plausible_mask(expert_logp, alpha, min_tokens_to_keep)
@@ -151,7 +163,13 @@ def cd_scores(
         scores = expert_logp - (amateur_logits / amateur_temperature).log_softmax(-1)
     else:
         scores = (1 + beta) * expert_logits - beta * amateur_logits
-    return torch.where(mask, scores, -math.inf)
+    if special is None:
+        return torch.where(mask, scores, -math.inf)
+    kept = mask & special
+    contrasted = mask & ~special
+    kept_mass = torch.where(kept, expert_logp, -math.inf).logsumexp(-1, keepdim=True).exp().clamp(max=1.0)
+    rest = torch.where(contrasted, scores, -math.inf).log_softmax(-1) + torch.log1p(-kept_mass)
+    return torch.where(contrasted, rest, torch.where(kept, expert_logp, -math.inf))
 
 
 def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:

@@ -245,18 +245,25 @@ TASK_DEFAULTS = {
 SCORE_ONLY = {"relative_top", "post_softmax", "relative_top_value"}
 GENERATE_ONLY = {"temperature", "top_k", "top_p", "repetition_penalty"}
 MODIFIERS = {"rp": ("repetition_penalty", float), "temp": ("temperature", float), "alpha": ("alpha", float),
-             "rt": ("relative_top", float), "ps": ("post_softmax", lambda v: {"1": True, "0": False}[v])}
-METHOD_SYNTAX = ("greedy, sample, top-p=P, top-k=K, acd[:LAYER], dola[:low|high|L+L+...], cd[:BETA], "
-                 "each optionally followed by /rp=X /temp=X /alpha=X /rt=X /ps=0|1")
+             "rt": ("relative_top", float), "ps": ("post_softmax", lambda v: {"1": True, "0": False}[v]),
+             "cs": ("contrast_special", lambda v: {"1": True, "0": False}[v])}
+METHOD_SYNTAX = ("greedy, sample, top-p=P, top-k=K, acd[:LAYER|:auto], dola[:low|high|L+L+...], cd[:BETA], "
+                 "acd and dola optionally @FILE (exit heads: a lens or trained heads; @shared: the model's head), "
+                 "each optionally followed by /rp=X /temp=X /alpha=X /rt=X /ps=0|1 /cs=1 (contrast special tokens)")
 
 
 def parse_methods(spec: str, n_layers: int) -> list[MethodSpec]:
-    """Parse e.g. "greedy,top-p=0.95,acd:8,acd:15,dola:high,dola:low/rp=1.2,cd:0.5" (see METHOD_SYNTAX)."""
+    """Parse e.g. "greedy,top-p=0.95,acd:8,acd:15@lens.safetensors,acd:auto,dola:low/rp=1.2,cd:0.5" (METHOD_SYNTAX).
+    Methods without @FILE read the exit layers as the engine does (its --exit-heads, else the shared head)."""
     out: list[MethodSpec] = []
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
             continue
-        head, *mods = entry.split("/")
+        head, at, heads_file = entry.partition("@")  # the file's path may hold '/': modifiers follow it
+        if at:
+            heads_file, mods_text = re.fullmatch(rf"(.*?)((?:/(?:{'|'.join(MODIFIERS)})=[^/]*)*)", heads_file).groups()
+            head += mods_text
+        head, *mods = head.split("/")
         m = re.fullmatch(r"(greedy|sample|top-p|top-k|acd|dola|cd)(?:[:=](.+))?", head)
         bad = LcdError(f"methods: '{entry}' is not a method spec (expected {METHOD_SYNTAX})")
         if m is None:
@@ -275,7 +282,7 @@ def parse_methods(spec: str, n_layers: int) -> list[MethodSpec]:
                 if opts["top_k"] < 1:
                     raise bad
             elif kind == "acd":
-                opts["amateur_layer"] = n_layers // 2 if arg is None else int(arg)
+                opts["amateur_layer"] = n_layers // 2 if arg is None else "auto" if arg == "auto" else int(arg)
             elif kind == "dola" and arg is not None:
                 opts["dola_layers"] = arg if arg in ("low", "high") else [int(x) for x in arg.split("+")]
             elif kind == "cd" and arg is not None:
@@ -284,9 +291,14 @@ def parse_methods(spec: str, n_layers: int) -> list[MethodSpec]:
                 key, _, value = mod.partition("=")
                 name, convert = MODIFIERS[key]
                 opts[name] = convert(value)
+            if at:
+                if kind not in ("acd", "dola") or not heads_file:
+                    raise bad
+                opts["exit_heads"] = "" if heads_file == "shared" else heads_file
         except (TypeError, ValueError, KeyError):
             raise bad from None
         layers = [opts["amateur_layer"]] if "amateur_layer" in opts else opts.get("dola_layers", [])
+        layers = [] if layers == ["auto"] else layers
         if not isinstance(layers, str) and any(not 0 <= j < n_layers for j in layers):
             raise LcdError(f"methods: '{entry}': layer outside 0..{n_layers - 1}")
         if any(s.name == entry for s in out):
@@ -561,16 +573,22 @@ def plot_open_ended(summary: dict, path: str | Path) -> bool:
     except ImportError:
         return False
     rows = summary["methods"]
-    acd = sorted((int(name.split(":")[1].split("/")[0]), row) for name, row in rows.items()
-                 if name.startswith("acd:"))
+    series: dict[str, list] = {}  # ACD at a numbered layer, one line per readout (shared head, each file)
+    for name, row in rows.items():
+        m = re.fullmatch(r"acd:(\d+)(?:@(.+?))?((?:/[a-z]+=[^/]*)*)", name)
+        if m is not None:
+            label = "ACD" + ("" if m.group(2) in (None, "shared") else f" @{Path(m.group(2)).stem}") + m.group(3)
+            series.setdefault(label, []).append((int(m.group(1)), row))
+    lines = [(n, r) for n, r in rows.items() if not any(r is row for points in series.values() for _, row in points)]
     metrics = [m for m in ("rep-4", "diversity", "coherence") if any(r.get(m) is not None for r in rows.values())]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        if acd:
-            ax.plot([j for j, _ in acd], [r[metric] for _, r in acd], "o-", color="C0", label="ACD (amateur layer)")
-        for k, (name, row) in enumerate((n, r) for n, r in rows.items() if not n.startswith("acd:")):
+        for k, (label, points) in enumerate(series.items()):
+            points = sorted(points, key=lambda p: p[0])
+            ax.plot([j for j, _ in points], [r[metric] for _, r in points], "o-", color=f"C{k}", label=label)
+        for k, (name, row) in enumerate(lines):
             if row.get(metric) is not None:
-                ax.axhline(row[metric], color=f"C{k + 1}", linestyle="--", linewidth=1, label=name)
+                ax.axhline(row[metric], color=f"C{k + len(series)}", linestyle="--", linewidth=1, label=name)
         ax.set_title(metric)
         ax.set_xlabel("ACD amateur layer")
     axes[0][0].legend(fontsize=7)

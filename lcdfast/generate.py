@@ -8,6 +8,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,6 +38,8 @@ class DecodeConfig:
     beta: float | None = None  # CD's beta form when set
     amateur_temperature: float = 1.0
     head_candidates: int = 64  # ACD: expert's top tokens the masked contrast op scores; 0 = full projection
+    special_ids: tuple[int, ...] = ()  # ACD, CD: tokens kept out of the contrast (they keep the expert's probability)
+    exit_heads: str = ""  # the file of lenses or trained heads the exit layers are read through; "": the shared head
 
 
 @dataclass
@@ -55,42 +58,65 @@ class Generation:
         return len(self.token_ids)
 
 
-def exit_logits(model: Transformer, exits: Tensor, use_norm: bool, exit_weights: Tensor | None) -> Tensor:
-    """Early-exit logits for stacked residual streams [L, B, C] -> [L, B, V] in one projection.
+class Readout(NamedTuple):
+    """How the exit layers are read, per exit layer; None: through the model's own final norm and head."""
 
-    `exit_weights` [L, V, E] are trained per-layer heads; None: the model's own head for all."""
-    hidden = model.exit_hidden(exits, use_norm)  # [L, B, E]
-    if exit_weights is None:
+    heads: Tensor | None = None  # [L, V, E] trained exit heads, each in place of the shared head
+    lens_weight: Tensor | None = None  # [L, C, C] fitted lenses: T(h) = weight h + bias, then norm and shared head
+    lens_bias: Tensor | None = None  # [L, C]
+
+
+def readout_hidden(model: Transformer, exits: Tensor, use_norm: bool, readout: Readout | None) -> Tensor:
+    """What the exit heads read from stacked residual streams [L, ..., C]: lens, then norm -> [L, ..., E]."""
+    if readout is not None and readout.lens_weight is not None:
+        exits = torch.stack([linear(h, w, b) for h, w, b in zip(exits, readout.lens_weight, readout.lens_bias)])
+    return model.exit_hidden(exits, use_norm)
+
+
+def exit_logits(model: Transformer, exits: Tensor, use_norm: bool, readout: Readout | None) -> Tensor:
+    """Early-exit logits for stacked residual streams [L, B, C] -> [L, B, V]."""
+    hidden = readout_hidden(model, exits, use_norm, readout)  # [L, B, E]
+    if readout is None or readout.heads is None:
         return model.output(hidden).float()
-    return torch.stack([linear(h, w) for w, h in zip(exit_weights, hidden)]).float()
+    return torch.stack([linear(h, w) for w, h in zip(readout.heads, hidden)]).float()
+
+
+def special_mask(special_ids: tuple[int, ...], like: Tensor) -> Tensor | None:
+    """[V] bool, True on the tokens kept out of the contrast; None when there are none."""
+    if not special_ids:
+        return None
+    return torch.zeros(like.shape[-1], dtype=torch.bool, device=like.device).index_fill_(
+        0, torch.tensor(special_ids, device=like.device), True)
 
 
 def contrast_scores(
     model: Transformer, final: Tensor, exits: Tensor | None, amateur_logits: Tensor | None,
-    exit_weights: Tensor | None, dc: DecodeConfig,
+    readout: Readout | None, dc: DecodeConfig,
 ) -> tuple[Tensor, Tensor]:
     """Scores over the vocabulary [B, V] for the method, and DoLa's chosen candidate index [B] (else zeros)."""
     chosen = torch.zeros(final.shape[0], dtype=torch.long, device=final.device)
-    if dc.method == "dola" and exit_weights is None:
+    shared_head = readout is None or readout.heads is None
+    if dc.method == "dola" and shared_head:
         # expert and candidates through the head in one pass over its weights: [1 + L, B, E] -> [1 + L, B, V]
-        logits = model.output(torch.cat([final[None], model.exit_hidden(exits, dc.exit_norm)])).float()
+        logits = model.output(torch.cat([final[None], readout_hidden(model, exits, dc.exit_norm, readout)])).float()
         expert, layers = logits[0], logits[1:]
     else:
         expert = model.output(final).float()  # [B, V]
     if dc.method in ("greedy", "sample"):
         return expert, chosen
+    special = special_mask(dc.special_ids, expert)
     if dc.method == "cd":
         return contrast.cd_scores(expert, amateur_logits.float(), dc.alpha, dc.beta, dc.amateur_temperature,
-                                  dc.min_tokens_to_keep), chosen
+                                  dc.min_tokens_to_keep, special), chosen
     if dc.method == "acd" and dc.head_candidates > 0:
-        hidden = model.exit_hidden(exits[0], dc.exit_norm)  # [B, E]
-        head = model.output.weight if exit_weights is None else exit_weights[0]  # [V, E]
+        hidden = readout_hidden(model, exits, dc.exit_norm, readout)[0]  # [B, E]
+        head = model.output.weight if shared_head else readout.heads[0]  # [V, E]
         return contrast.acd_log_probs_masked(expert, hidden, head, dc.alpha, dc.min_tokens_to_keep,
-                                             dc.head_candidates), chosen
-    if dc.method == "acd" or exit_weights is not None:
-        layers = exit_logits(model, exits, dc.exit_norm, exit_weights)  # [L, B, V]
+                                             dc.head_candidates, special), chosen
+    if dc.method == "acd" or not shared_head:
+        layers = exit_logits(model, exits, dc.exit_norm, readout)  # [L, B, V]
     if dc.method == "acd":
-        return contrast.acd_log_probs(expert, layers[0], dc.alpha, dc.min_tokens_to_keep), chosen
+        return contrast.acd_log_probs(expert, layers[0], dc.alpha, dc.min_tokens_to_keep, special), chosen
     if len(dc.exit_layers) > 1:
         chosen = contrast.dola_select_layer(expert, layers, dc.dola_batch_mode)
     premature = layers.gather(0, chosen[None, :, None].expand(1, *expert.shape))[0]  # [B, V]
@@ -108,7 +134,7 @@ def pick_token(scores: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeC
 
 
 def decode_step(
-    model: Transformer, amateur: Transformer | None, exit_weights: Tensor | None, token: Tensor, slot: Tensor,
+    model: Transformer, amateur: Transformer | None, readout: Readout | None, token: Tensor, slot: Tensor,
     span: Tensor | None, pad: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeConfig,
 ) -> tuple[Tensor, Tensor]:
     """One token for every row: forward through the caches, heads, contrast, penalties, choice.
@@ -119,7 +145,7 @@ def decode_step(
     final, exits = model(token, slot, pad, dc.exit_layers, span)
     amateur_logits = amateur.output(amateur(token, slot, pad, (), span)[0][:, -1]) if amateur is not None else None
     scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
-                                     amateur_logits, exit_weights, dc)
+                                     amateur_logits, readout, dc)
     return pick_token(scores, seen, uniform, dc), chosen
 
 
@@ -168,7 +194,7 @@ def generate_ids(
     eos_ids: list[int],
     seed: int = 0,
     amateur: Transformer | None = None,
-    exit_weights: Tensor | None = None,
+    readout: Readout | None = None,
     step_fn: Callable | None = None,
     on_tokens: Callable[[list[int], list[bool]], bool] | None = None,
     warmup: contextlib.AbstractContextManager | None = None,
@@ -224,11 +250,11 @@ def generate_ids(
         noise_stand_in = torch.full((B, V), 0.5, device=device) if dc.do_sample else None  # the rows' RNG untouched
         with warmup:
             # inputs made as the loop makes them, so that the graph compiled here is the one the loop runs
-            step_fn(model, amateur, exit_weights, tokens[:, -1].clone(memory_format=torch.contiguous_format)[:, None],
+            step_fn(model, amateur, readout, tokens[:, -1].clone(memory_format=torch.contiguous_format)[:, None],
                     torch.tensor([T], device=device), span(T + 1), pad, seen, noise_stand_in, dc)
         t_compile, t0 = time.perf_counter() - t0, time.perf_counter()
     # prefill: the whole left-padded prompt [B, T] through the same (eager) step, then one token at a time
-    token, chosen = decode_step(model, amateur, exit_weights, tokens, all_slots[:T], span(T), pad, seen, noise(), dc)
+    token, chosen = decode_step(model, amateur, readout, tokens, all_slots[:T], span(T), pad, seen, noise(), dc)
     t_prefill = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps = 0
@@ -251,7 +277,7 @@ def generate_ids(
         seen.scatter_(1, token[:, None], True)
         slot = torch.tensor([T + step], device=device)
         with guards_checked(step):
-            token, chosen = step_fn(model, amateur, exit_weights, token[:, None], slot, span(T + step + 1), pad,
+            token, chosen = step_fn(model, amateur, readout, token[:, None], slot, span(T + step + 1), pad,
                                     seen, noise(), dc)
         if device.type == "cuda":  # a CUDA graph's outputs live in its pool, which its next replay overwrites
             token, chosen = token.clone(), chosen.clone()
@@ -274,11 +300,13 @@ class ScoreConfig:
     post_softmax: bool = True
     beta: float | None = None
     amateur_temperature: float = 1.0
+    special_ids: tuple[int, ...] = ()  # ACD: tokens kept out of the contrast
+    exit_heads: str = ""  # as DecodeConfig's
 
 
 def method_log_scores(
     model: Transformer, final: Tensor, exits: Tensor | None, layers: tuple[int, ...], amateur_logits: Tensor | None,
-    exit_weights: Tensor | None, sc: ScoreConfig,
+    readout: Readout | None, sc: ScoreConfig,
 ) -> Tensor:
     """Per-position log-scores [M, V] for scoring: `final` [M, E], `exits` [len(layers), M, C].
 
@@ -290,9 +318,10 @@ def method_log_scores(
         return expert.log_softmax(-1)
     hidden = None if exits is None else exits[[layers.index(j) for j in sc.exit_layers]]
     if sc.method == "acd":
-        return contrast.acd_log_probs(expert, exit_logits(model, hidden, sc.exit_norm, exit_weights)[0], sc.alpha)
+        return contrast.acd_log_probs(expert, exit_logits(model, hidden, sc.exit_norm, readout)[0], sc.alpha,
+                                      special=special_mask(sc.special_ids, expert))
     if sc.method == "dola":
-        candidates = exit_logits(model, hidden, sc.exit_norm, exit_weights)  # [L, M, V]
+        candidates = exit_logits(model, hidden, sc.exit_norm, readout)  # [L, M, V]
         chosen = select_layer_fused()(expert, candidates)
         base = candidates.gather(0, chosen[None, :, None].expand(1, *expert.shape))[0].log_softmax(-1)
     else:
@@ -358,7 +387,7 @@ def score_ids(
     prompts: list[list[int]],
     continuations: list[list[int]],
     configs: list[ScoreConfig],
-    exit_weights: dict[int, Tensor] | None = None,
+    readout_of: Callable[[ScoreConfig], Readout | None] | None = None,
     amateur: Transformer | None = None,
     prefix_cache: dict | None = None,
 ) -> list[list[float]]:
@@ -404,10 +433,8 @@ def score_ids(
     amateur_logits = None if amateur_final is None else amateur.output(amateur_final[row_of, pos]).float()
     results = []
     for sc in configs:
-        weights = None
-        if exit_weights and any(j in exit_weights for j in sc.exit_layers):
-            weights = torch.stack([exit_weights.get(j, model.output.weight) for j in sc.exit_layers])
-        scores = method_log_scores(model, final_m, exits_m, layers, amateur_logits, weights, sc)
+        readout = readout_of(sc) if readout_of is not None else None
+        scores = method_log_scores(model, final_m, exits_m, layers, amateur_logits, readout, sc)
         picked = scores.gather(-1, target[:, None])[:, 0]  # [M]
         totals = torch.zeros(B, dtype=picked.dtype, device=device).index_add_(0, row_of, picked)
         results.append(totals.tolist())

@@ -104,6 +104,17 @@ class Tokenizer:
             return Tokenizer(model_dir, sp=sp)
         raise LcdError(f"{model_dir}: no tokenizer.json or tokenizer.model")
 
+    def special_token_ids(self) -> list[int]:
+        """Special and control tokens (tokenizer.json's added tokens marked special, sentencepiece's control and
+        unknown pieces and added tokens) with the BOS, EOS and pad ids: the tokens no text is made of."""
+        ids = set(self.eos_token_ids) | {i for i in (self.bos_token_id, self.pad_token_id) if i is not None}
+        if self.hf is not None:
+            ids |= {i for i, token in self.hf.get_added_tokens_decoder().items() if token.special}
+        else:
+            ids |= self.special_ids | {i for i in range(self.sp.get_piece_size())
+                                       if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        return sorted(ids)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.hf is not None and (self.add_bos is None or not add_special_tokens):
             return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
