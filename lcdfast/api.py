@@ -1,6 +1,7 @@
 """The Python API: `lcdfast.load()` -> `Engine` with generate, score, layer_logits and lens."""
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -104,7 +105,7 @@ class Engine:
 
     def read_exit_heads(self, path: str | Path) -> ExitHeads:
         """An exit heads' file for this model (heads.load_exit_heads), read once per path."""
-        key = str(path)
+        key = str(Path(path).resolve())
         if key not in self._files:
             self._files[key] = load_exit_heads(path, self.model)
         return self._files[key]
@@ -178,7 +179,7 @@ class Engine:
     def _score_readout(self, sc: ScoreConfig) -> Readout | None:
         return self._readout(sc.exit_layers, sc.exit_heads)
 
-    def auto_layer(self, heads: "ExitHeads | None" = None) -> int:
+    def auto_layer(self, heads: ExitHeads | None = None) -> int:
         """`amateur_layer="auto"`: the layer heads.auto_layer chose for this model when the exit heads' file was
         made (from held-out statistics, heads.py), else the one it chooses for the shared head on the model's
         own text (computed once per model and kept under $LCDFAST_HOME)."""
@@ -187,8 +188,9 @@ class Engine:
                 return heads.auto_layer(self.n_layers)
             if len(heads.layers) == 1:
                 return heads.layers[0]
-            raise LcdError(f"--exit-heads {heads.path}: records no automatic layer (made by another tool?); "
-                           "give --amateur-layer")
+            raise LcdError(f"--exit-heads {heads.path}: no automatic layer among its layers "
+                           f"{','.join(map(str, heads.layers))} (only fit-lens files with held-out statistics "
+                           "record one); give --amateur-layer")
         return shared_head_auto_layer(self)
 
     def decode_config(
@@ -209,7 +211,7 @@ class Engine:
             raise LcdError(f"exit_heads: {exit_heads!r} must be a file path")
         else:
             heads = self.read_exit_heads(exit_heads) if str(exit_heads) else None
-        path = "" if heads is None else str(heads.path)
+        path = "" if heads is None else str(Path(heads.path).resolve())
         temperature, top_p, repetition_penalty = real("temperature", temperature), real("top_p", top_p), \
             real("repetition_penalty", repetition_penalty)
         alpha, amateur_temperature = real("alpha", alpha), real("amateur_temperature", amateur_temperature)
@@ -256,15 +258,15 @@ class Engine:
         elif method == "cd" and self.amateur is None:
             raise LcdError("method cd: needs an amateur model (--amateur-model DIR)")
         self._readout(exit_layers, path)  # the exit heads' file has every layer read
-        if exit_norm is None:  # DoLa's reference reads its layers unnormed; a lens was fitted through the norm
-            exit_norm = method != "dola" or (heads is not None and heads.kind == "lens")
+        if exit_norm is None:  # DoLa's reference reads its layers unnormed; lenses and heads were made through it
+            exit_norm = method != "dola" or heads is not None
         special = () if contrast_special or method not in ("acd", "cd") else self.special_ids
         return DecodeConfig(method, do_sample, float(temperature), int(top_k), float(top_p),
                             float(repetition_penalty), float(alpha), int(min_tokens_to_keep), exit_layers,
                             exit_norm, dola_batch_mode, beta, float(amateur_temperature), special_ids=special,
                             exit_heads=path)
 
-    @property
+    @functools.cached_property
     def special_ids(self) -> tuple[int, ...]:
         """The tokens ACD and CD leave out of the contrast by default: special/control tokens and EOS ids."""
         V = self.model.config.vocab_size

@@ -154,8 +154,9 @@ def cd_scores(
     """Contrastive decoding with a separate amateur model, -inf outside V_head. [B, V].
 
     Plain (Li et al.): log p_e - log p_a(z_a / tau). Beta form (O'Brien & Lewis): (1 + beta) z_e - beta z_a.
-    `special` [V] bool: tokens kept out of the contrast. As log-probabilities, they keep log p_e and the rest of
-    V_head shares the remaining mass 1 - p_e(special in V_head) as softmax(scores) over it (None: the reference).
+    `special` [V] bool: tokens kept out of the contrast: each gets the score at which softmax over V_head gives it
+    p_e, the rest of V_head keeping its scores (so sharing the remaining mass as before); with no special token in
+    V_head the scores are the reference's (None: the reference always).
     """
     expert_logp = expert_logits.log_softmax(-1)
     mask = plausible_mask(expert_logp, alpha, min_tokens_to_keep)
@@ -165,11 +166,13 @@ def cd_scores(
         scores = (1 + beta) * expert_logits - beta * amateur_logits
     if special is None:
         return torch.where(mask, scores, -math.inf)
-    kept = mask & special
-    contrasted = mask & ~special
-    kept_mass = torch.where(kept, expert_logp, -math.inf).logsumexp(-1, keepdim=True).exp().clamp(max=1.0)
-    rest = torch.where(contrasted, scores, -math.inf).log_softmax(-1) + torch.log1p(-kept_mass)
-    return torch.where(contrasted, rest, torch.where(kept, expert_logp, -math.inf))
+    kept, contrasted = mask & special, mask & ~special
+    kept_mass = torch.where(kept, expert_logp, -math.inf).logsumexp(-1, keepdim=True).exp()  # p_e(kept) [B, 1]
+    contrast_lse = torch.where(contrasted, scores, -math.inf).logsumexp(-1, keepdim=True)
+    # softmax gives a kept token exp(s) / (exp(lse) / (1 - K)): p_e when s = log p_e + lse - log(1 - K)
+    kept_scores = expert_logp + contrast_lse - torch.log1p(-kept_mass.clamp(max=1 - 1e-6))
+    kept_scores = torch.where(contrasted.any(-1, keepdim=True), kept_scores, expert_logp)
+    return torch.where(contrasted, scores, torch.where(kept, kept_scores, -math.inf))
 
 
 def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:

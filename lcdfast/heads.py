@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ def read_texts(paths: list[str | Path]) -> list[str]:
             raw = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise LcdError(f"--data: {path} is not UTF-8 text ({e})") from None
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
             records = []
             for n, line in enumerate(raw.splitlines(), 1):
                 if line.strip():
@@ -53,13 +54,13 @@ def read_texts(paths: list[str | Path]) -> list[str]:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise LcdError(f"--data: {path}:{n}: not valid JSON ({e})") from None
-        elif path.suffix == ".json":
+        elif path.suffix.lower() == ".json":
             try:
                 records = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise LcdError(f"--data: {path}: not valid JSON ({e})") from None
             records = records if isinstance(records, list) else [records]
-        elif path.suffix == ".csv":
+        elif path.suffix.lower() == ".csv":
             records = list(csv.DictReader(raw.splitlines()))
         else:
             texts += [raw] if raw.strip() else []
@@ -95,7 +96,8 @@ def token_rows(tokenizer, texts: list[str], max_tokens: int, seq_len: int = SEQ_
 
 
 def split_dev(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """The rows to fit on and the last rows (DEV_TOKENS, or none of only two rows) held out for statistics."""
+    """The rows to fit on and the last rows (DEV_TOKENS, at most a quarter; none if two rows or fewer) held out for
+    the statistics."""
     held = min(-(-DEV_TOKENS // rows.shape[1]), len(rows) // 4) if len(rows) > 2 else 0
     return rows[: len(rows) - held], rows[len(rows) - held:]
 
@@ -115,12 +117,13 @@ def hidden_states(model: Transformer, rows: Tensor, layers: tuple[int, ...]) -> 
     return exits.float(), model.output(final).float()
 
 
-def progress_bar(description: str, total: int):
+def progress_bar(show: bool):
+    """A progress bar on stderr (none when `show` is False)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True), description, total
+                    console=Console(stderr=True), transient=True, disable=not show)
 
 
 # ---- the file: kind, model fingerprint, tensors ----------------------------------------------------------------
@@ -193,8 +196,6 @@ def save_exit_heads(path: str | Path, model: Transformer, kind: str, tensors: di
 def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
     """Read a lens file (`lens.<l>.weight` [C, C], `lens.<l>.bias` [C]) or trained heads (`...lm_head_<l>.weight`
     [V, E]) for `model`: shapes, values and the model it was made for are checked, each with a one-line error."""
-    import re
-
     path = Path(path)
     cfg, ref = model.config, model.output.weight
     try:
@@ -248,7 +249,7 @@ def readout_logits(model: Transformer, h: Tensor, lens: tuple[Tensor, Tensor] | 
                    head: Tensor | None = None) -> Tensor:
     """What layer l predicts from residual streams h [..., C]: lens, final norm, head -> logits [..., V]."""
     if lens is not None:
-        h = F.linear(h, lens[0].to(h.dtype), lens[1].to(h.dtype))
+        h = F.linear(h, lens[0].to(h.device, h.dtype), lens[1].to(h.device, h.dtype))
     h = model.final_hidden(h.to(model.output.weight.dtype))
     return F.linear(h, model.output.weight if head is None else head).float()
 
@@ -301,9 +302,8 @@ def fit_lens(engine, data: list[str | Path], layers: tuple[int, ...], max_tokens
     wanted = tuple(sorted(set(layers) | {n}))  # h[N] is the target
     xtx = torch.zeros(len(wanted), C + 1, C + 1, dtype=torch.float64)
     xty = torch.zeros(len(wanted), C + 1, C, dtype=torch.float64)
-    bar, description, total = progress_bar("fitting lenses", fit_rows.numel())
-    with bar:
-        task = bar.add_task(description, total=total)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("fitting lenses", total=fit_rows.numel())
         for batch in batches(fit_rows, tokens_per_batch):
             with torch.inference_mode():
                 h, _ = hidden_states(model, batch, wanted)
@@ -313,7 +313,8 @@ def fit_lens(engine, data: list[str | Path], layers: tuple[int, ...], max_tokens
             xty += x.transpose(1, 2) @ h[-1]
             bar.advance(task, batch.numel())
     weight, bias = lstsq_translators(xtx, xty)
-    lenses = {layer: (weight[i].float(), bias[i].float()) for i, layer in enumerate(wanted)}
+    device = model.output.weight.device
+    lenses = {layer: (weight[i].float().to(device), bias[i].float().to(device)) for i, layer in enumerate(wanted)}
     fit_seconds = time.perf_counter() - t0
     if refine_steps:
         lenses = refine_lenses(model, fit_rows, lenses, layers, refine_steps, progress=progress)
@@ -322,8 +323,7 @@ def fit_lens(engine, data: list[str | Path], layers: tuple[int, ...], max_tokens
     if len(dev):
         with torch.inference_mode():
             info.update(dev_statistics(model, dev, wanted, lenses))
-    device = model.output.weight.device
-    lenses = {layer: (w.to(device), b.to(device)) for layer, (w, b) in lenses.items() if layer in layers}
+    lenses = {layer: pair for layer, pair in lenses.items() if layer in layers}
     tensors = {f"lens.{layer}.{part}": t for layer, pair in lenses.items() for part, t in zip(("weight", "bias"), pair)}
     info["seconds"] = round(time.perf_counter() - t0, 1)
     return {"tensors": tensors, "info": info}
@@ -337,11 +337,14 @@ def dev_statistics(model: Transformer, dev: Tensor, layers: tuple[int, ...],
     C = h.shape[-1]
     h, logits, targets = h.reshape(len(layers), -1, C), logits.reshape(-1, logits.shape[-1]), dev[:, 1:].reshape(-1)
     info = {"dev_tokens": targets.numel()}
+    has_amateur = any(j < n for j in layers)
     if lenses is not None:
         info["layer_stats"] = layer_stats(model, h, logits, targets.to(logits.device), layers, lenses)
-        info["auto_layer"] = auto_layer(info["layer_stats"], n)
+        if has_amateur:
+            info["auto_layer"] = auto_layer(info["layer_stats"], n)
     info["shared_head_stats"] = layer_stats(model, h, logits, targets.to(logits.device), layers, None)
-    info["shared_head_auto_layer"] = auto_layer(info["shared_head_stats"], n)
+    if has_amateur:
+        info["shared_head_auto_layer"] = auto_layer(info["shared_head_stats"], n)
     return info
 
 
@@ -354,9 +357,8 @@ def refine_lenses(model: Transformer, rows: Tensor, lenses: dict[int, tuple[Tens
     opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=lr)
     flat = rows.reshape(-1)
     per_row = min(rows.shape[1], tokens_per_step)
-    bar, description, total = progress_bar("refining lenses (KL)", steps)
-    with bar:
-        task = bar.add_task(description, total=total)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("refining lenses (KL)", total=steps)
         for step in range(steps):
             start = (step * tokens_per_step) % max(1, flat.numel() - per_row)
             batch = flat[start:start + tokens_per_step].view(-1, per_row)
@@ -391,14 +393,14 @@ def train_heads(engine, data: list[str | Path], layers: tuple[int, ...], out: st
     plan = batches(rows, tokens_per_step)
     steps = len(plan) if steps is None else steps
     run = {"layers": list(layers), "tokens": rows.numel(), "tokens_per_step": tokens_per_step, "lr": lr,
-           "data": [Path(p).name for p in data]}  # what a resumed run must share (it may run to more steps)
+           "data": [Path(p).name for p in data],
+           "data_sha256": hashlib.sha256(rows.numpy().tobytes()).hexdigest()}  # what a resumed run shares
     head = model.output.weight.detach()
     weights = {j: head.float().clone().requires_grad_() for j in layers}
     opt = torch.optim.AdamW(list(weights.values()), lr=lr, weight_decay=0.0)
-    start, losses = resume(state_path(out), run, weights, opt, model)
-    bar, description, total = progress_bar("training exit heads", steps)
-    with bar:
-        task = bar.add_task(description, total=total, completed=start)
+    start, losses = resume(state_path(out), run, weights, opt, model, steps)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("training exit heads", total=steps, completed=start)
         for step in range(start, steps):
             batch = plan[step % len(plan)]
             with torch.inference_mode():
@@ -433,8 +435,8 @@ def save_state(path: Path, run: dict, weights: dict[int, Tensor], opt: torch.opt
     save_exit_heads(path, model, "train-state", tensors, {"run": run, "step": step, "losses": losses})
 
 
-def resume(path: Path, run: dict, weights: dict[int, Tensor], opt: torch.optim.Optimizer,
-           model: Transformer) -> tuple[int, list[float]]:
+def resume(path: Path, run: dict, weights: dict[int, Tensor], opt: torch.optim.Optimizer, model: Transformer,
+           steps: int) -> tuple[int, list[float]]:
     """The step to start from (0 unless `path` holds this run's state) and the losses so far."""
     if not path.is_file():
         return 0, []
@@ -447,12 +449,15 @@ def resume(path: Path, run: dict, weights: dict[int, Tensor], opt: torch.optim.O
                                "delete it or choose another --out")
             check_fingerprint(path, meta, model)
             step = int(meta["step"])
+            if step > steps:
+                raise LcdError(f"{path}: holds a run already trained for {step} steps, more than --steps {steps}")
             with torch.no_grad():
                 for j, w in weights.items():
                     w.copy_(f.get_tensor(f"lm_head_{j}.weight"))
             for j, w in weights.items():
-                opt.state[w] = {"step": torch.tensor(float(step)), "exp_avg": f.get_tensor(f"opt.{j}.exp_avg"),
-                                "exp_avg_sq": f.get_tensor(f"opt.{j}.exp_avg_sq")}
+                opt.state[w] = {"step": torch.tensor(float(step)),
+                                "exp_avg": f.get_tensor(f"opt.{j}.exp_avg").to(w.device),
+                                "exp_avg_sq": f.get_tensor(f"opt.{j}.exp_avg_sq").to(w.device)}
             return step, json.loads(meta.get("losses", "[]"))
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise LcdError(f"{path}: cannot resume from this training state ({e})") from None

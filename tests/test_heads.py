@@ -166,7 +166,7 @@ def test_lens_through_generate_score_and_the_lens_command(tiny_dir, lens_file, c
     assert engine.generate("The fox", max_new_tokens=16, method="acd", amateur_layer=2)[0].token_ids == lensed
     assert lensed != shared
     dola = engine.decode_config("dola", dola_layers=[1, 3])
-    assert dola.exit_norm and dola.exit_heads == str(out)  # a lens is read through the final norm
+    assert dola.exit_norm and dola.exit_heads == str(out.resolve())  # a lens is read through the final norm
     continuation = engine.tokenizer.decode(lensed[:8])  # tokens in V_head, where the amateur counts
     scores = engine.score_methods(["The fox"], [continuation], [{"method": "acd", "amateur_layer": 2},
                                                               {"method": "acd", "amateur_layer": 2, "exit_heads": ""}])
@@ -282,7 +282,12 @@ def test_special_tokens_keep_the_experts_probability(candidates):
     # the rest of V_head keeps its expert mass, redistributed by the contrast
     assert torch.allclose(kept.exp().where(rest, 0).sum(-1), logp_e.exp().where(rest, 0).sum(-1), atol=1e-5)
     cd = cd_scores(expert, amateur, 0.1, special=special)
-    assert torch.allclose(cd[:, 2], logp_e[:, 2]) and torch.allclose(cd.exp().sum(-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(cd.softmax(-1)[:, 2], logp_e.exp()[:, 2], atol=1e-6)  # CD: sampled with p_e too
+    plain = cd_scores(expert, amateur, 0.1)
+    assert torch.equal(cd.where(rest, 0), plain.where(rest, 0))  # the contrasted tokens keep their scores
+    no_special = expert.clone()
+    no_special[:, :3] = -50  # out of V_head: the reference scores exactly
+    assert torch.equal(cd_scores(no_special, amateur, 0.1, special=special), cd_scores(no_special, amateur, 0.1))
 
 
 def test_contrast_special_flag(tiny_dir, capsys):
@@ -320,11 +325,13 @@ def test_eval_method_specs_with_files(tiny_dir, lens_file):
     from lcdfast.evaluate import parse_methods
 
     out, _ = lens_file
-    specs = parse_methods(f"acd:2@{out},acd:auto,acd:auto@{out},dola:high@{out},acd:3@shared,acd:2/cs=1", 6)
+    specs = parse_methods(f"acd:2@{out},acd:auto,acd:auto@{out},dola:high@{out},acd:3@shared,acd:2/cs=1,"
+                          f"acd:4@{out}/rp=1.2/alpha=0.2", 6)
     assert specs[0].options == {"amateur_layer": 2, "exit_heads": str(out)}
     assert specs[1].options == {"amateur_layer": "auto"}
     assert specs[3].options == {"dola_layers": "high", "exit_heads": str(out)}
     assert specs[4].options == {"amateur_layer": 3, "exit_heads": ""}
     assert specs[5].options == {"amateur_layer": 2, "contrast_special": True}
+    assert specs[6].options == {"amateur_layer": 4, "exit_heads": str(out), "repetition_penalty": 1.2, "alpha": 0.2}
     with pytest.raises(lcdfast.LcdError, match="greedy@"):
         parse_methods(f"greedy@{out}", 6)
