@@ -335,3 +335,14 @@ def test_eval_method_specs_with_files(tiny_dir, lens_file):
     assert specs[6].options == {"amateur_layer": 4, "exit_heads": str(out), "repetition_penalty": 1.2, "alpha": 0.2}
     with pytest.raises(lcdfast.LcdError, match="greedy@"):
         parse_methods(f"greedy@{out}", 6)
+
+
+def test_compiled_step_reads_the_lens_as_eager_does(tiny_dir, lens_file):
+    out, _ = lens_file
+    path, _ = tiny_dir("llama-untied")
+    eager = lcdfast.load(path, compile=False)
+    compiled = lcdfast.load(path, compile=True)
+    for method, options in (("acd", {"amateur_layer": 2}), ("dola", {"dola_layers": [1, 3]})):
+        want = eager.generate("The fox", max_new_tokens=10, method=method, exit_heads=out, **options)[0]
+        got = compiled.generate("The fox", max_new_tokens=10, method=method, exit_heads=out, **options)[0]
+        assert got.stats["compiled"] and got.token_ids == want.token_ids, method
