@@ -310,16 +310,19 @@ def parse_methods(spec: str, n_layers: int) -> list[MethodSpec]:
 
 
 def check_methods(engine, methods: list[MethodSpec], task: str) -> None:
-    """Every entry's values checked against the engine before the first one runs (LcdError naming the entry)."""
+    """Every entry's values checked against the engine before the first one runs (LcdError naming the entry);
+    `acd:auto` entries get the layer the engine chooses."""
     scoring = task != "open-ended"
     for spec in methods:
         unused = sorted(set(spec.options) & (GENERATE_ONLY if scoring else SCORE_ONLY))
         if unused:
             raise LcdError(f"methods: '{spec.name}': {', '.join(unused)} does not apply to {task}")
         try:
-            (engine.score_config if scoring else engine.decode_config)(**task_options(spec, task, scoring))
+            config = (engine.score_config if scoring else engine.decode_config)(**task_options(spec, task, scoring))
         except LcdError as e:
             raise LcdError(f"methods: '{spec.name}': {e}") from None
+        if spec.options.get("amateur_layer") == "auto":  # fixed once: the records say which layer ran
+            spec.options["amateur_layer"] = config.exit_layers[0]
 
 
 def task_options(spec: MethodSpec, task: str, scoring: bool) -> dict:
@@ -424,10 +427,15 @@ def _text_metrics(texts: list[str], emb: Embedder | None, prompt_feats: np.ndarr
 
 def _run_methods(task: str, data: str | Path, out_dir: str | Path, items: list[dict], methods, chunk: int,
                  work: Callable[[list[dict], dict], list[dict]], config: dict | None = None) -> dict:
-    """{name: (engine options, records)} for each method, run resumably into out_dir/<data stem>-<name>.jsonl."""
+    """{name: (engine options, records)} for each method, run resumably into out_dir/<data stem>-<name>.jsonl.
+    A method whose options equal an earlier one's (acd:auto and the layer it chose) reuses its records."""
     out = {}
     for spec in methods:
         opts = task_options(spec, task, scoring=task != "open-ended")
+        same = next((name for name, (o, _) in out.items() if o == opts), None)
+        if same is not None:
+            out[spec.name] = out[same]
+            continue
         path = _out_file(out_dir, data, spec.name)
         out[spec.name] = opts, run_resumable(path, items, {"options": opts, **(config or {})},
                                              lambda batch, opts=opts: work(batch, opts), chunk, spec.name)

@@ -346,3 +346,21 @@ def test_compiled_step_reads_the_lens_as_eager_does(tiny_dir, lens_file):
         want = eager.generate("The fox", max_new_tokens=10, method=method, exit_heads=out, **options)[0]
         got = compiled.generate("The fox", max_new_tokens=10, method=method, exit_heads=out, **options)[0]
         assert got.stats["compiled"] and got.token_ids == want.token_ids, method
+
+
+def test_eval_with_lens_specs_end_to_end(tiny_dir, lens_file, tmp_path):
+    from lcdfast.cli import main
+
+    out, fit = lens_file
+    model, _ = tiny_dir("llama-untied")
+    prompts = tmp_path / "wikinews.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "reference": " the quick brown fox"}) + "\n"
+                               for p in ("The quick brown", "Layers improve")))
+    auto = heads.auto_layer({int(k): v for k, v in fit["info"]["layer_stats"].items()}, 6)
+    methods = f"greedy,acd:{auto}@{out},acd:auto@{out},dola:low@{out},acd:2@shared"
+    assert main(["eval", "open-ended", "--prompts", str(prompts), "--methods", methods, "--max-new-tokens", "6",
+                 "--no-mauve", "--model", str(model), "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["wikinews"]["methods"]
+    assert rows[f"acd:auto@{out}"]["options"]["amateur_layer"] == auto  # the layer it chose, run once
+    assert rows[f"acd:auto@{out}"]["rep-2"] == rows[f"acd:{auto}@{out}"]["rep-2"]
+    assert rows[f"dola:low@{out}"]["new_tokens"] > 0
