@@ -107,14 +107,16 @@ def batches(rows: Tensor, tokens_per_batch: int) -> list[Tensor]:
     return [rows[i:i + per] for i in range(0, len(rows), per)]
 
 
-def hidden_states(model: Transformer, rows: Tensor, layers: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """The residual streams [L, R, T, C] at `layers` and the final layer's logits [R, T, V] (float32)."""
+def hidden_states(model: Transformer, rows: Tensor, layers: tuple[int, ...],
+                  logits: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The residual streams [L, R, T, C] at `layers`, and with `logits` the final layer's [R, T, V] (float32;
+    the head's product is about a fifth of SmolLM2's forward pass, so only the statistics ask for it)."""
     R, T = rows.shape
     device = model.output.weight.device
     model.setup_caches(R, T)
     final, exits = model(rows.to(device), torch.arange(T, device=device), torch.zeros(R, dtype=torch.long,
                                                                                           device=device), layers)
-    return exits.float(), model.output(final).float()
+    return exits.float(), model.output(final).float() if logits else None
 
 
 def progress_bar(show: bool):
@@ -333,7 +335,7 @@ def dev_statistics(model: Transformer, dev: Tensor, layers: tuple[int, ...],
                    lenses: dict[int, tuple[Tensor, Tensor]] | None) -> dict:
     """Per-layer statistics through the lens and through the shared head, and each one's automatic layer."""
     n = model.config.n_layers
-    h, logits = hidden_states(model, dev[:, :-1], layers)
+    h, logits = hidden_states(model, dev[:, :-1], layers, logits=True)
     C = h.shape[-1]
     h, logits, targets = h.reshape(len(layers), -1, C), logits.reshape(-1, logits.shape[-1]), dev[:, 1:].reshape(-1)
     info = {"dev_tokens": targets.numel()}
@@ -363,7 +365,7 @@ def refine_lenses(model: Transformer, rows: Tensor, lenses: dict[int, tuple[Tens
             start = (step * tokens_per_step) % max(1, flat.numel() - per_row)
             batch = flat[start:start + tokens_per_step].view(-1, per_row)
             with torch.inference_mode():
-                h, final = hidden_states(model, batch, tuple(train))
+                h, final = hidden_states(model, batch, tuple(train), logits=True)
             h, target = h.clone(), final.log_softmax(-1).clone()
             with torch.enable_grad():
                 opt.zero_grad()

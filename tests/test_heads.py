@@ -202,7 +202,7 @@ def test_refinement_lowers_the_kl(tiny_dir, data_file):
     plain = heads.fit_lens(engine, [data_file], (1,), max_tokens=2000, progress=False)
     refined = heads.fit_lens(engine, [data_file], (1,), max_tokens=2000, refine_steps=30, progress=False)
     with torch.inference_mode():
-        h, final = heads.hidden_states(engine.model, rows[:2], (1,))
+        h, final = heads.hidden_states(engine.model, rows[:2], (1,), logits=True)
 
     def kl(fit):
         lens = (fit["tensors"]["lens.1.weight"], fit["tensors"]["lens.1.bias"])
