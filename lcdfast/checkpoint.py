@@ -6,6 +6,7 @@ safetensors (never pickles), shape-checked, and assigned into a model built on t
 """
 
 import json
+import math
 import mmap
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .errors import LcdError, token_ids, whole
+from .errors import LcdError, flag, is_int, number, shown, whole
 from .model import ModelConfig, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,114 +24,155 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise LcdError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, an int past Python's digit limit, too deep
         raise LcdError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise LcdError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise LcdError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def _require(hf: dict, key: str, path: Path):
-    if hf.get(key) is None:
-        raise LcdError(f"{path}: missing key '{key}'")
-    return hf[key]
+# Sane bounds, far past any released model, so a bad config.json is refused before anything is built or allocated;
+# the tensors in the safetensors header are then checked against the sizes (load_model) before any is read.
+LIMITS = {"vocab_size": 1 << 22, "dim": 1 << 18, "n_layers": 1024, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,
+          "head_dim": 1 << 12, "hidden_dim": 1 << 20, "embed_dim": 1 << 18, "max_positions": 1 << 24,
+          "attention_window": 1 << 31}
+EPS, THETA, FACTOR = (1e-30, 1.0), (1.0, 1e12), (1e-2, 1e4)  # norm epsilon, rope base, rope_scaling factors
 
 
-def gpt2_config(hf: dict, path: Path) -> ModelConfig:
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-        raise LcdError(f"{path}: GPT-2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn unsupported")
-    if not hf.get("scale_attn_weights", True):
-        raise LcdError(f"{path}: GPT-2 option scale_attn_weights=false unsupported")
-    act = hf.get("activation_function", "gelu_new")
+class Checked:
+    """A config.json object read key by key, each value checked as it is read: the error names the file and key,
+    the value seen and what is allowed. Null or absent: the default, where the key has one."""
+
+    def __init__(self, hf: dict, path: Path | str, prefix: str = "") -> None:
+        self.hf, self.path, self.where = hf, path, f"{path}: {prefix}"
+
+    def size(self, key: str, field: str, default: int | None = None, low: int = 1) -> int:
+        """An integer in low..LIMITS[field] (`field`: the ModelConfig size it sets); no default: required."""
+        value = default if self.hf.get(key) is None else self.hf[key]
+        if value is None:
+            raise LcdError(f"{self.where}missing key '{key}'")
+        return whole(f"{self.where}{key} ({field})", value, low, LIMITS[field])
+
+    def number(self, key: str, default: float | None, bounds: tuple[float, float]) -> float:
+        return number(f"{self.where}{key}", self.hf.get(key, default), *bounds)
+
+    def flag(self, key: str, default: bool) -> bool:
+        return flag(f"{self.where}{key}", self.hf.get(key, default))
+
+    def tokens(self, key: str, vocab: int, many: bool = False) -> list[int]:
+        """A token id (`many`: or a list of them) inside the vocabulary, as a list; null: none."""
+        value = self.hf.get(key)
+        ids = [] if value is None else value if many and isinstance(value, list) else [value]
+        if not all(is_int(i) and 0 <= i < vocab for i in ids):
+            raise LcdError(f"{self.where}{key} {shown(value)} must be null or {'token ids' if many else 'a token id'} "
+                           f"in 0..{vocab - 1}")
+        return ids
+
+    def special_tokens(self, vocab: int) -> dict:
+        return {"bos_token_id": (self.tokens("bos_token_id", vocab) or [None])[0],
+                "eos_token_ids": self.tokens("eos_token_id", vocab, many=True),
+                "pad_token_id": (self.tokens("pad_token_id", vocab) or [None])[0]}
+
+
+def gpt2_config(c: Checked) -> ModelConfig:
+    if c.flag("scale_attn_by_inverse_layer_idx", False) or c.flag("reorder_and_upcast_attn", False):
+        raise LcdError(f"{c.path}: GPT-2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn unsupported")
+    if not c.flag("scale_attn_weights", True):
+        raise LcdError(f"{c.path}: GPT-2 option scale_attn_weights=false unsupported")
+    act = c.hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise LcdError(f"{path}: activation_function '{act}' unsupported (expected gelu_new)")
-    dim = _require(hf, "n_embd", path)
+        raise LcdError(f"{c.path}: activation_function {shown(act)} unsupported (expected gelu_new)")
+    dim, vocab = c.size("n_embd", "dim"), c.size("vocab_size", "vocab_size")
     return ModelConfig(
-        family="gpt2", vocab_size=_require(hf, "vocab_size", path), dim=dim, n_layers=_require(hf, "n_layer", path),
-        n_heads=_require(hf, "n_head", path), hidden_dim=hf.get("n_inner") or 4 * dim, norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation="gelu_tanh", gated_mlp=False, attn_bias=True,
-        mlp_bias=True, positions="learned", max_positions=hf.get("n_positions", 1024),
-        tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=token_ids(f"{path}: eos_token_id", hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        family="gpt2", vocab_size=vocab, dim=dim, n_layers=c.size("n_layer", "n_layers"),
+        n_heads=c.size("n_head", "n_heads"), hidden_dim=c.size("n_inner", "hidden_dim", 4 * dim), norm="layernorm",
+        norm_eps=c.number("layer_norm_epsilon", 1e-5, EPS), activation="gelu_tanh", gated_mlp=False,
+        attn_bias=True, mlp_bias=True, positions="learned", max_positions=c.size("n_positions", "max_positions", 1024),
+        tie_embeddings=c.flag("tie_word_embeddings", True), **c.special_tokens(vocab),
     )
 
 
-def opt_config(hf: dict, path: Path) -> ModelConfig:
-    act = hf.get("activation_function", "relu")
+def opt_config(c: Checked) -> ModelConfig:
+    act = c.hf.get("activation_function", "relu")
     if act != "relu":
-        raise LcdError(f"{path}: activation_function '{act}' unsupported for OPT (expected relu)")
-    dim = _require(hf, "hidden_size", path)
-    pre_norm = hf.get("do_layer_norm_before", True)
-    if not hf.get("layer_norm_elementwise_affine", True):
-        raise LcdError(f"{path}: OPT option layer_norm_elementwise_affine=false unsupported")
+        raise LcdError(f"{c.path}: activation_function {shown(act)} unsupported for OPT (expected relu)")
+    dim, vocab = c.size("hidden_size", "dim"), c.size("vocab_size", "vocab_size")
+    pre_norm, bias = c.flag("do_layer_norm_before", True), c.flag("enable_bias", True)
+    if not c.flag("layer_norm_elementwise_affine", True):
+        raise LcdError(f"{c.path}: OPT option layer_norm_elementwise_affine=false unsupported")
     return ModelConfig(
-        family="opt", vocab_size=_require(hf, "vocab_size", path), dim=dim,
-        n_layers=_require(hf, "num_hidden_layers", path), n_heads=_require(hf, "num_attention_heads", path),
-        hidden_dim=_require(hf, "ffn_dim", path), embed_dim=hf.get("word_embed_proj_dim") or dim, norm="layernorm",
-        norm_eps=1e-5, pre_norm=pre_norm, final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
-        activation="relu", gated_mlp=False, attn_bias=hf.get("enable_bias", True),
-        mlp_bias=hf.get("enable_bias", True), positions="learned",
-        max_positions=hf.get("max_position_embeddings", 2048), position_offset=2,
-        tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=token_ids(f"{path}: eos_token_id", hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        family="opt", vocab_size=vocab, dim=dim, n_layers=c.size("num_hidden_layers", "n_layers"),
+        n_heads=c.size("num_attention_heads", "n_heads"), hidden_dim=c.size("ffn_dim", "hidden_dim"),
+        embed_dim=c.size("word_embed_proj_dim", "embed_dim", dim), norm="layernorm", norm_eps=1e-5,
+        pre_norm=pre_norm, final_norm=pre_norm and not c.flag("_remove_final_layer_norm", False), activation="relu",
+        gated_mlp=False, attn_bias=bias, mlp_bias=bias, positions="learned",
+        max_positions=c.size("max_position_embeddings", "max_positions", 2048), position_offset=2,
+        tie_embeddings=c.flag("tie_word_embeddings", True), **c.special_tokens(vocab),
     )
 
 
-def llama_config(hf: dict, path: Path) -> ModelConfig:
-    act = hf.get("hidden_act", "silu")
+def rope_scaling(c: Checked) -> dict | None:
+    scaling = c.hf.get("rope_scaling")
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise LcdError(f"{c.path}: rope_scaling must be an object, got {shown(scaling)}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("linear", "llama3", "default"):
+        raise LcdError(f"{c.path}: rope_scaling type {shown(kind)} unsupported (expected linear or llama3)")
+    s = Checked(scaling, c.path, "rope_scaling.")
+    if kind != "default":
+        s.number("factor", None, FACTOR)
+    if kind == "llama3":
+        s.size("original_max_position_embeddings", "max_positions")
+        low, high = s.number("low_freq_factor", None, FACTOR), s.number("high_freq_factor", None, FACTOR)
+        if low >= high:
+            raise LcdError(f"{c.path}: rope_scaling.low_freq_factor {low:g} must be below high_freq_factor {high:g}")
+    return scaling
+
+
+def llama_config(c: Checked) -> ModelConfig:
+    act = c.hf.get("hidden_act", "silu")
     if act != "silu":
-        raise LcdError(f"{path}: hidden_act '{act}' unsupported (expected silu)")
-    scaling = hf.get("rope_scaling")
-    if scaling is not None:
-        if not isinstance(scaling, dict):
-            raise LcdError(f"{path}: rope_scaling must be an object, got {scaling!r}")
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("linear", "llama3", "default"):
-            raise LcdError(f"{path}: rope_scaling type '{kind}' unsupported (expected linear or llama3)")
-        needed = {"linear": ["factor"], "default": [],
-                  "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
-        for key in needed[kind]:
-            if not isinstance(scaling.get(key), int | float) or scaling[key] <= 0:
-                raise LcdError(f"{path}: rope_scaling '{key}' must be a positive number, got {scaling.get(key)!r}")
-    # Mistral: a query sees only the last `sliding_window` positions (itself included)
-    window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
+        raise LcdError(f"{c.path}: hidden_act {shown(act)} unsupported (expected silu)")
+    dim, vocab = c.size("hidden_size", "dim"), c.size("vocab_size", "vocab_size")
+    heads = c.size("num_attention_heads", "n_heads")
+    # Mistral: a query sees only the last `sliding_window` positions (itself included); 0: all
+    window = c.size("sliding_window", "attention_window", 0, low=0) if c.hf.get("model_type") == "mistral" else 0
     return ModelConfig(
-        family="llama", vocab_size=_require(hf, "vocab_size", path), dim=_require(hf, "hidden_size", path),
-        n_layers=_require(hf, "num_hidden_layers", path), n_heads=_require(hf, "num_attention_heads", path),
-        n_kv_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
-        hidden_dim=_require(hf, "intermediate_size", path), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        activation="silu", gated_mlp=True, attn_bias=hf.get("attention_bias", False),
-        mlp_bias=hf.get("mlp_bias", False), positions="rotary", rope_theta=hf.get("rope_theta", 10000.0),
-        rope_scaling=scaling, max_positions=hf.get("max_position_embeddings", 2048), attention_window=window or 0,
-        tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=token_ids(f"{path}: eos_token_id", hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        family="llama", vocab_size=vocab, dim=dim, n_layers=c.size("num_hidden_layers", "n_layers"), n_heads=heads,
+        n_kv_heads=c.size("num_key_value_heads", "n_kv_heads", heads),
+        head_dim=c.size("head_dim", "head_dim", dim // heads), hidden_dim=c.size("intermediate_size", "hidden_dim"),
+        norm="rmsnorm", norm_eps=c.number("rms_norm_eps", 1e-6, EPS), activation="silu", gated_mlp=True,
+        attn_bias=c.flag("attention_bias", False), mlp_bias=c.flag("mlp_bias", False), positions="rotary",
+        rope_theta=c.number("rope_theta", 10000.0, THETA), rope_scaling=rope_scaling(c),
+        max_positions=c.size("max_position_embeddings", "max_positions", 2048), attention_window=window,
+        tie_embeddings=c.flag("tie_word_embeddings", False), **c.special_tokens(vocab),
     )
 
 
 FAMILIES = {"gpt2": gpt2_config, "opt": opt_config, "llama": llama_config, "mistral": llama_config}
 
 
-def read_config(model_dir: str | Path) -> ModelConfig:
-    path = Path(model_dir) / "config.json"
-    if not Path(model_dir).is_dir():
-        raise LcdError(f"{model_dir}: model directory not found")
-    hf = read_json(path)
+def model_config(hf: dict, path: Path | str = "config.json") -> ModelConfig:
+    """A config.json object -> ModelConfig, every value checked (an LcdError naming `path` and the key if not)."""
     family = hf.get("model_type")
-    if family not in FAMILIES:
-        raise LcdError(f"{path}: model_type '{family}' unsupported (expected one of {', '.join(FAMILIES)})")
-    try:
-        cfg = FAMILIES[family](hf, path)
-    except (TypeError, ValueError, KeyError) as e:
-        raise LcdError(f"{path}: bad value ({e})") from None
-    sizes = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "embed_dim",
-             "max_positions"]
-    for name in sizes:  # the config's names for these are in the family functions above
-        whole(f"{path}: model size '{name}'", getattr(cfg, name), 1)
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise LcdError(f"{path}: model_type {shown(family)} unsupported (expected one of {', '.join(FAMILIES)})")
+    cfg = FAMILIES[family](Checked(hf, path))
     if cfg.n_heads % cfg.n_kv_heads:
         raise LcdError(f"{path}: {cfg.n_heads} attention heads do not split into {cfg.n_kv_heads} key/value heads")
-    whole(f"{path}: sliding_window", cfg.attention_window, 0)
     return cfg
+
+
+def read_config(model_dir: str | Path) -> ModelConfig:
+    if not Path(model_dir).is_dir():
+        raise LcdError(f"{model_dir}: model directory not found")
+    path = Path(model_dir) / "config.json"
+    return model_config(read_json(path), path)
 
 
 # Per family: our parameter name -> (checkpoint names concatenated along dim 0, stored [in, out]).
@@ -228,62 +270,80 @@ def open_safetensors(model_dir: Path) -> dict[str, tuple[Path, object]]:
     return tensors
 
 
+def finite(t: Tensor) -> bool:
+    """No NaN or infinity in `t`, in one pass: min and max propagate NaN (on CPU 40x faster than isfinite().all())."""
+    return all(map(math.isfinite, torch.aminmax(t)))
+
+
+def part_shapes(cfg: ModelConfig, want: torch.Size, n: int, conv1d: bool) -> list[tuple[int, ...]]:
+    """The stored shape of each of the `n` checkpoint tensors that make up one of ours of shape `want`: q, k, v or
+    gate, up stacked along dim 0; a GPT-2 Conv1D weight transposed."""
+    if conv1d:
+        return [tuple(want)[::-1]]
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    rows = {1: [want[0]], 2: [cfg.hidden_dim] * 2, 3: [q, kv, kv]}[n]
+    return [(r, *want[1:]) for r in rows]
+
+
+def read_tensor(tensors: dict, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """One checkpoint tensor as `dtype` on `device`: its header's shape checked before it is read, then its dtype,
+    then its values (a NaN or infinity in a weight would decode garbage with exit code 0)."""
+    path, handle = tensors[key]
+    try:
+        stored = tuple(handle.get_slice(key).get_shape())
+        if stored != shape:
+            raise LcdError(f"{path}: tensor '{key}' has shape {stored}, expected {shape} from config.json")
+        tensor = handle.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise LcdError(f"{path}: cannot read tensor '{key}' ({e})") from None
+    if not tensor.is_floating_point():
+        raise LcdError(f"{path}: tensor '{key}' has dtype {tensor.dtype}, expected floating point")
+    out = tensor.to(device=device, dtype=dtype)
+    if not finite(out):
+        why = "holds NaN or infinite values" if not finite(tensor) else f"overflows {dtype}"
+        raise LcdError(f"{path}: tensor '{key}' {why}")
+    return out
+
+
 def load_model(
     model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
 ) -> Transformer:
-    """Build a Transformer on the meta device and fill it from the checkpoint, strictly."""
+    """Build a Transformer on the meta device and fill it from the checkpoint, strictly: every tensor the config
+    implies present with its shape (checked in the header, before anything is built) and finite values."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise LcdError(f"--dtype: '{dtype}' unsupported (expected one of {', '.join(DTYPES)})")
-        dtype = DTYPES[dtype]
+    seen, dtype = dtype, DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LcdError(f"--dtype: {shown(seen)} unsupported (expected one of {', '.join(DTYPES)})")
     tensors = open_safetensors(model_dir)
     prefix = next((p for p in BODY_PREFIXES[cfg.family] if any(k.startswith(p) for k in tensors)), "")
+    # our parameter name -> (checkpoint keys, conv1d); the untied head has no prefix
+    table = {ours: ([prefix + n for n in names], conv1d)
+             for ours, (names, conv1d) in NAME_TABLES[cfg.family](cfg).items()}
+    if not cfg.tie_embeddings:
+        table["output.weight"] = (["lm_head.weight"], False)
+    used = [key for keys, _ in table.values() for key in keys]
+    described = f"config.json describes a {cfg.family} model of {cfg.n_layers} layers"
+    missing = [key for key in used if key not in tensors]
+    if missing:
+        why = "config says tie_word_embeddings=false" if missing[0] == "lm_head.weight" else described
+        raise LcdError(f"{model_dir}: missing tensor '{missing[0]}' ({len(missing)} missing: {why})")
+    unused = sorted(set(tensors) - {*used, "lm_head.weight"})
+    unused = [key for key in unused if not key.endswith(IGNORED)]
+    if unused:
+        raise LcdError(f"{model_dir}: unexpected tensor '{unused[0]}' ({len(unused)} unused: {described})")
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = model.state_dict()
     expected.setdefault("tok_embeddings.weight", torch.empty(cfg.vocab_size, cfg.embed_dim, device="meta"))
-    state, used = {}, {"lm_head.weight"}
-    for ours, (hf_names, conv1d) in NAME_TABLES[cfg.family](cfg).items():
-        parts = []
-        for hf_name in hf_names:
-            key = prefix + hf_name
-            if key not in tensors:
-                raise LcdError(f"{model_dir}: missing tensor '{key}'")
-            path, handle = tensors[key]
-            try:
-                tensor = handle.get_tensor(key)
-            except (SafetensorError, OSError) as e:
-                raise LcdError(f"{path}: cannot read tensor '{key}' ({e})") from None
-            if not tensor.is_floating_point():
-                raise LcdError(f"{path}: tensor '{key}' has dtype {tensor.dtype}, expected floating point")
-            parts.append(tensor)
-            used.add(key)
+    state = {}
+    for ours, (keys, conv1d) in table.items():
+        shapes = part_shapes(cfg, expected[ours].shape, len(keys), conv1d)
+        parts = [read_tensor(tensors, key, shape, dtype, device) for key, shape in zip(keys, shapes)]
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-        tensor = tensor.t() if conv1d else tensor
-        if tensor.shape != expected[ours].shape:
-            seen, want = (tensor.t(), expected[ours].t()) if conv1d else (tensor, expected[ours])
-            raise LcdError(f"{model_dir}: tensor '{prefix + hf_names[0]}' has shape {tuple(seen.shape)}, "
-                           f"expected {tuple(want.shape)} from config.json")
-        state[ours] = tensor.to(device=device, dtype=dtype).contiguous()
-    head = "lm_head.weight"
+        state[ours] = (tensor.t() if conv1d else tensor).contiguous()
     if cfg.tie_embeddings:  # one storage: the head [V, E] is the embedding table
-        weight = state.pop("tok_embeddings.weight")
-    elif head not in tensors:
-        raise LcdError(f"{model_dir}: missing tensor '{head}' (config says tie_word_embeddings=false)")
-    else:
-        weight = tensors[head][1].get_tensor(head)
-        if weight.shape != (cfg.vocab_size, cfg.embed_dim):
-            raise LcdError(f"{model_dir}: tensor '{head}' has shape {tuple(weight.shape)}, "
-                           f"expected {(cfg.vocab_size, cfg.embed_dim)}")
-    unused = sorted(k for k in tensors if k not in used and not k.endswith(IGNORED))
-    if unused:
-        raise LcdError(f"{model_dir}: unexpected tensor '{unused[0]}' ({len(unused)} unused: config.json describes "
-                       f"a {cfg.family} model of {cfg.n_layers} layers)")
-    if not weight.is_floating_point():
-        raise LcdError(f"{model_dir}: tensor '{head}' has dtype {weight.dtype}, expected floating point")
-    state["output.weight"] = weight.to(device=device, dtype=dtype).contiguous()
+        state["output.weight"] = state.pop("tok_embeddings.weight")
     if torch.device(device).type == "cpu":
         state = in_huge_pages(state)
     model.load_state_dict(state, strict=True, assign=True)

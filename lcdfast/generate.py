@@ -5,6 +5,7 @@ Shapes: B rows, T prompt tokens (left-padded), V vocab, E head width, C model wi
 
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,13 +141,14 @@ def decode_step(
     """One token for every row: forward through the caches, heads, contrast, penalties, choice.
 
     token [B, T], slots [T], span [P] (the cache slots attended, see Transformer.forward), pad [B], seen [B, V]
-    -> next token [B], DoLa candidate index [B]. T = 1 when decoding; generate_ids also runs the prompt through
-    it (eager) as the prefill."""
+    -> next token [B] (-1 where the scores are NaN or have no finite best: weights that overflow), DoLa candidate
+    index [B]. T = 1 when decoding; generate_ids also runs the prompt through it (eager) as the prefill."""
     final, exits = model(token, slot, pad, dc.exit_layers, span)
     amateur_logits = amateur.output(amateur(token, slot, pad, (), span)[0][:, -1]) if amateur is not None else None
     scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
                                      amateur_logits, readout, dc)
-    return pick_token(scores, seen, uniform, dc), chosen
+    garbage = scores.isnan().any(-1) | ~scores.amax(-1).isfinite()  # [B]
+    return torch.where(garbage, -1, pick_token(scores, seen, uniform, dc)), chosen
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -260,6 +262,9 @@ def generate_ids(
     steps = 0
     for step in range(max_new_tokens):
         ids, picks = token.tolist(), chosen.tolist()  # the one host sync per token
+        if min(ids) < 0:
+            raise LcdError(f"generate: the model's scores for prompt {ids.index(min(ids))} are NaN or infinite at new "
+                           f"token {step} (weights that overflow {model.output.weight.dtype}?)")
         for i in range(B):
             if not live[i]:
                 continue
@@ -436,6 +441,9 @@ def score_ids(
         readout = readout_of(sc) if readout_of is not None else None
         scores = method_log_scores(model, final_m, exits_m, layers, amateur_logits, readout, sc)
         picked = scores.gather(-1, target[:, None])[:, 0]  # [M]
-        totals = torch.zeros(B, dtype=picked.dtype, device=device).index_add_(0, row_of, picked)
-        results.append(totals.tolist())
+        totals = torch.zeros(B, dtype=picked.dtype, device=device).index_add_(0, row_of, picked).tolist()
+        if not all(map(math.isfinite, totals)):  # finite logits give finite log-likelihoods under every method
+            raise LcdError(f"score: the model's {sc.method} log-likelihoods are NaN or infinite (weights that overflow "
+                           f"{model.output.weight.dtype}?)")
+        results.append(totals)
     return results

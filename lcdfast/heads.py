@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .checkpoint import finite
 from .errors import LcdError
 from .model import Transformer
 
@@ -148,8 +149,9 @@ def check_fingerprint(path: Path, meta: dict, model: Transformer) -> None:
     mine = fingerprint(model)
     try:
         theirs = json.loads(meta.get("head_norms", "[]"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         theirs = []
+    theirs = theirs if isinstance(theirs, list) and all(isinstance(x, int | float) for x in theirs) else []
     same_head = len(theirs) == len(mine["head_norms"]) and all(
         abs(a - b) <= 1e-2 * max(abs(a), 1e-6) for a, b in zip(theirs, mine["head_norms"]))
     if meta["config_sha256"] != mine["config_sha256"] or not same_head:
@@ -174,8 +176,9 @@ class ExitHeads:
     def auto_layer(self, n_layers: int) -> int | None:
         """auto_layer's choice among the file's layers, from the statistics it records (None if it has none)."""
         try:
-            stats = {int(k): v for k, v in json.loads(self.meta.get("layer_stats", "{}")).items()}
-        except (json.JSONDecodeError, ValueError):
+            stats = {int(k): v for k, v in json.loads(self.meta.get("layer_stats", "{}")).items()
+                     if isinstance(v, dict) and isinstance(v.get("top1"), int | float)}
+        except (ValueError, RecursionError, AttributeError):  # not JSON, not an object, a key not a layer
             return None
         stats = {j: s for j, s in stats.items() if j in self.layers or j == n_layers}
         if n_layers not in stats or not any(j < n_layers for j in stats):
@@ -203,8 +206,8 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta, names = f.metadata() or {}, list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in names if re.search(r"(lens\.\d+\.(weight|bias)|lm_head_\d+"
-                                                                      r"\.weight)$", k)}
+            tensors = {k: f.get_tensor(k) for k in names if re.search(r"(lens\.\d{1,6}\.(weight|bias)|lm_head_"
+                                                                      r"\d{1,6}\.weight)$", k)}
     except (SafetensorError, OSError) as e:
         raise LcdError(f"{path}: cannot read exit heads ({e})") from None
     check_fingerprint(path, meta, model)
@@ -220,9 +223,11 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
         want = (cfg.vocab_size, cfg.embed_dim) if not lens else (cfg.dim, cfg.dim) if part == "weight" else (cfg.dim,)
         if tuple(tensor.shape) != want:
             raise LcdError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, expected {want}")
-        if not torch.isfinite(tensor).all():
-            raise LcdError(f"{path}: '{key}' holds NaN or infinite values")
+        if not tensor.is_floating_point():
+            raise LcdError(f"{path}: '{key}' has dtype {tensor.dtype}, expected floating point")
         tensor = tensor.to(dtype=ref.dtype, device=ref.device).contiguous()
+        if not finite(tensor):
+            raise LcdError(f"{path}: '{key}' holds NaN or infinite values (as {ref.dtype})")
         if not lens:
             out.heads[layer] = tensor
         elif part == "weight":

@@ -1,6 +1,14 @@
 """GGUF conversion and the tokenizer, against transformers' own GGUF loader and hand-built tiny GGUF files."""
 
 import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -256,7 +264,7 @@ def test_bad_inputs(tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(write_gguf(tmp_path / "whole.gguf").read_bytes()[:-40])
     (tmp_path / "whole.gguf").unlink()
-    with pytest.raises(LcdError, match="cut.gguf: not a readable GGUF file"):
+    with pytest.raises(LcdError, match=r"cut.gguf: tensor 'token_embd.weight' .* runs past the end of the file"):
         convert.convert_gguf(cut, tmp_path / "d", progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
@@ -308,23 +316,359 @@ def test_sentencepiece_matches_transformers_llama_tokenizer(tmp_path):
         ours.apply_chat_template("hi")
 
 
-def test_bad_tokenizer_fields():
-    """Merges over unknown tokens and special ids past the vocabulary: one line naming the GGUF key."""
+# ---- hardening: every malformed GGUF and damaged cache ends in one LcdError line, fast, with nothing written ----
 
-    class Field:
-        def __init__(self, value):
-            self.value = value
+def tiny_kv() -> dict:
+    """The metadata of a valid 1-layer LLaMA (E=8, 2 heads of 4, 1 KV head, F=16) over a 4-token vocabulary:
+    key -> (value, GGUF type[, item type])."""
+    import gguf
 
-        def contents(self):
-            return self.value
+    V = gguf.GGUFValueType
+    u32 = lambda v: (v, V.UINT32)
+    return {"llama.block_count": u32(1), "llama.context_length": u32(64), "llama.embedding_length": u32(8),
+            "llama.feed_forward_length": u32(16), "llama.attention.head_count": u32(2),
+            "llama.attention.head_count_kv": u32(1), "llama.attention.layer_norm_rms_epsilon": (1e-5, V.FLOAT32),
+            "llama.rope.freq_base": (10000.0, V.FLOAT32), "tokenizer.ggml.model": ("gpt2", V.STRING),
+            "tokenizer.ggml.tokens": (["a", "b", "ab", "<s>"], V.ARRAY, V.STRING),
+            "tokenizer.ggml.merges": (["a b"], V.ARRAY, V.STRING),
+            "tokenizer.ggml.token_type": ([1, 1, 1, 3], V.ARRAY, V.INT32),
+            "tokenizer.ggml.bos_token_id": u32(3), "tokenizer.ggml.eos_token_id": u32(3),
+            "tokenizer.ggml.add_bos_token": (True, V.BOOL), "tokenizer.ggml.pre": ("smollm", V.STRING),
+            "tokenizer.chat_template": ("{{ messages[0]['content'] }}", V.STRING)}
 
-    class Reader:
-        def __init__(self, **fields):
-            self.fields = {f"tokenizer.ggml.{k}": Field(v) for k, v in fields.items()}
 
-    tokens = ["a", "b", "ab", "<s>"]
-    assert convert.build_tokenizer(Reader(tokens=tokens, merges=["a b"], bos_token_id=3), Path("t.gguf"))[1] == tokens
-    for fields, needle in [(dict(merges=["a c"]), "merges entry 'a c'"), (dict(merges=["b a"]), "merges entry 'b a'"),
-                           (dict(merges=["a b"], eos_token_id=4), "eos_token_id 4 outside the 4 tokens")]:
-        with pytest.raises(LcdError, match=needle):
-            convert.build_tokenizer(Reader(tokens=tokens, **fields), Path("t.gguf"))
+def tiny_tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (4, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,),
+              "blk.0.ffn_norm.weight": (8,), "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (4, 8),
+              "blk.0.attn_v.weight": (4, 8), "blk.0.attn_output.weight": (8, 8), "blk.0.ffn_gate.weight": (16, 8),
+              "blk.0.ffn_up.weight": (16, 8), "blk.0.ffn_down.weight": (8, 16)}
+    return {name: (rng.standard_normal(shape) * 0.1).astype(np.float32) for name, shape in shapes.items()}
+
+
+def tiny_gguf(path: Path, kv: dict | None = None, tensors: dict | None = None) -> Path:
+    """tiny_kv() and tiny_tensors() with `kv` / `tensors` entries replacing theirs (None: left out)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for key, spec in (tiny_kv() | (kv or {})).items():
+        if spec is not None:
+            w.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
+    for name, t in (tiny_tensors() | (tensors or {})).items():
+        if t is not None:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def patched(path: Path, after: bytes, skip: int, fmt: str, value) -> Path:
+    """`path` with `value` packed (little-endian `fmt`) `skip` bytes after the first occurrence of `after`."""
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<" + fmt, data, data.index(after) + len(after) + skip, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def replaced(path: Path, old: bytes, new: bytes) -> Path:
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+    return path
+
+
+def assert_rejected(path: Path, needle: str) -> str:
+    """convert_gguf(path) ends, within seconds, in one LcdError line naming the file and matching `needle`, and
+    leaves nothing behind."""
+    out = path.parent / "out"
+    t0 = time.monotonic()
+    with pytest.raises(LcdError) as e:
+        convert.convert_gguf(path, out, progress=False)
+    msg = str(e.value)
+    assert time.monotonic() - t0 < 10, f"took {time.monotonic() - t0:.1f}s: {msg}"
+    assert path.name in msg and "\n" not in msg and re.search(needle, msg), msg
+    assert not out.exists() and not list(path.parent.glob(".*.partial")), "a failed conversion left files"
+    return msg
+
+
+def test_tiny_valid_gguf_converts_to_valid_json(tmp_path):
+    out = convert.convert_gguf(tiny_gguf(tmp_path / "t.gguf"), tmp_path / "out", progress=False)
+    assert convert.cache_problem(out) is None
+
+    def no_constant(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    cfg = json.loads((out / "config.json").read_text(), parse_constant=no_constant)
+    assert (cfg["num_hidden_layers"], cfg["head_dim"], cfg["vocab_size"], cfg["bos_token_id"]) == (1, 4, 4, 3)
+    assert cfg["rope_theta"] == 10000.0 and cfg["rms_norm_eps"] == pytest.approx(1e-5)
+    tc = json.loads((out / "tokenizer_config.json").read_text(), parse_constant=no_constant)
+    assert tc["add_bos_token"] is True and tc["add_eos_token"] is False and tc["bos_token"] == "<s>"
+    tok = Tokenizer.load(out)
+    assert tok.encode("ab") == [3, 2] and tok.encode("ba<s>") == [3, 1, 0, 3], "add_bos_token, merges, specials"
+
+
+def _v(name: str):
+    import gguf
+
+    return getattr(gguf.GGUFValueType, name)
+
+
+F32, U32, U8, BOOL, STR, ARR = (_v(n) for n in ("FLOAT32", "UINT32", "UINT8", "BOOL", "STRING", "ARRAY"))
+METADATA = [  # (metadata replaced, what the message must say): wrong types, zeros, ranges, NaN, invalid UTF-8
+    ({"llama.block_count": (2.0, F32)}, r"llama.block_count is 2.0 \(FLOAT32\), expected an integer"),
+    ({"llama.attention.head_count": (0, U32)}, r"llama.attention.head_count is 0, expected an integer from 1 to"),
+    ({"tokenizer.ggml.bos_token_id": (3.0, F32)}, r"bos_token_id is 3.0 \(FLOAT32\), expected an integer"),
+    ({"tokenizer.ggml.bos_token_id": (True, BOOL)}, r"bos_token_id is True \(BOOL\), expected an integer"),
+    ({"tokenizer.ggml.eos_token_id": (4, U32)}, r"eos_token_id 4 outside the 4 tokens"),
+    ({"llama.block_count": (2**31 - 1, U32)}, r"llama.block_count is 2147483647, expected an integer from 1 to 4096"),
+    ({"llama.block_count": (2, U32)}, r"llama.block_count is 2, but the file has tensors for 1 layers \(0\)"),
+    ({"llama.attention.layer_norm_rms_epsilon": (float("nan"), F32)}, r"rms_epsilon is nan, expected a finite .* > 0"),
+    ({"llama.attention.layer_norm_rms_epsilon": (0.0, F32)}, r"rms_epsilon is 0.0, expected a finite number > 0"),
+    ({"llama.rope.freq_base": (float("nan"), F32)}, r"llama.rope.freq_base is nan, expected a finite number > 1"),
+    ({"llama.rope.freq_base": (float("inf"), F32)}, r"llama.rope.freq_base is inf"),
+    ({"llama.rope.freq_base": (-1.0, F32)}, r"llama.rope.freq_base is -1.0, expected a finite number > 1"),
+    ({"llama.rope.freq_base": (1e-300, _v("FLOAT64"))}, r"llama.rope.freq_base is 1e-300"),
+    ({"llama.attention.layer_norm_rms_epsilon": (2.0, F32)}, r"rms_epsilon is 2.0, expected .* > 0 and <= 1"),
+    ({"llama.rope.scaling.type": ("linear", STR), "llama.rope.scaling.factor": (1e-300, _v("FLOAT64"))},
+     r"llama.rope.scaling.factor is 1e-300, expected a number >= 1"),
+    ({"llama.rope.scaling.type": ("linear", STR), "llama.rope.scaling.factor": (float("nan"), F32)},
+     r"llama.rope.scaling.factor is nan"),
+    ({"llama.context_length": (0, U32)}, r"llama.context_length is 0, expected an integer from 1 to"),
+    ({"llama.attention.head_count_kv": ([1], ARR, U32)}, r"head_count_kv is an ARRAY of UINT32, expected an integer"),
+    ({"llama.attention.head_count_kv": (3, U32)}, r"expected head_count a multiple of head_count_kv"),
+    ({"llama.rope.dimension_count": (2, U32)}, r"llama.rope.dimension_count is 2, only full rotary"),
+    ({"tokenizer.ggml.add_bos_token": (1, U8)}, r"tokenizer.ggml.add_bos_token is 1 \(UINT8\), expected a bool"),
+    ({"tokenizer.ggml.tokens": ("abc", STR)}, r"tokenizer.ggml.tokens is 'abc' \(STRING\), expected an array of"),
+    ({"tokenizer.ggml.tokens": (["a", "b", "ab", "<s>", "c"], ARR, STR)}, r"5 tokens, .* 'token_embd.weight' has 4"),
+    ({"tokenizer.ggml.token_type": ([1, 1, 1], ARR, U32)}, r"tokenizer.ggml.token_type has 3 entries for 4 tokens"),
+    ({"tokenizer.ggml.merges": (["a c"], ARR, STR)}, r"tokenizer.ggml.merges entry 'a c' names a token not in"),
+    ({"general.architecture": (7, U32)}, r"general.architecture is 7 \(UINT32\), expected a string"),
+    ({"general.architecture": (b"ll\xffma", STR)}, r"general.architecture is not valid UTF-8"),
+    ({"tokenizer.ggml.pre": (b"\xfesmollm", STR)}, r"tokenizer.ggml.pre is not valid UTF-8 \(byte 0"),
+    ({"tokenizer.chat_template": (b"{{ x }}\xc3", STR)}, r"tokenizer.chat_template is not valid UTF-8"),
+    ({"tokenizer.ggml.tokens": ([b"a", b"\xff", b"ab", b"<s>"], ARR, STR)}, r"tokenizer.ggml.tokens is not valid"),
+    ({"llama.embedding_length": None}, r"missing GGUF key 'llama.embedding_length'"),
+]
+
+
+@pytest.mark.parametrize("kv, needle", METADATA, ids=[re.sub(r"\W+", "-", n)[:40] for _, n in METADATA])
+def test_bad_metadata(tmp_path, kv, needle):
+    assert_rejected(tiny_gguf(tmp_path / "m.gguf", kv=kv), needle)
+
+
+LAYOUT = [  # (how the valid file is damaged, what the message must say): counts, lengths, types that do not fit
+    (lambda p: patched(p, b"tokenizer.ggml.token_type", 8, "Q", 2**32),
+     r"token_type is an array of 4294967296 items, more than the 4194304 allowed"),
+    (lambda p: patched(p, b"tokenizer.ggml.token_type", 8, "Q", 2**20), r"token_type .* past the end of the file"),
+    (lambda p: patched(p, b"tokenizer.ggml.token_type", 4, "I", 13), r"token_type has GGUF value type 13 in an array"),
+    (lambda p: patched(p, b"tokenizer.ggml.token_type", 4, "I", 9), r"token_type has GGUF value type 9 in an array"),
+    (lambda p: patched(p, b"tokenizer.ggml.token_type", 4, "I", 10), r""),  # int64 items: 16 bytes too many
+    (lambda p: patched(p, b"tokenizer.ggml.tokens", 8, "Q", 2**21), r"tokenizer.ggml.tokens .* past the end"),
+    (lambda p: patched(p, b"tokenizer.ggml.pre", 4, "Q", 2**63), r"tokenizer.ggml.pre at byte \d+ needs 922337"),
+    (lambda p: patched(p, b"tokenizer.ggml.pre", 0, "I", 77), r"tokenizer.ggml.pre has GGUF value type 77"),
+    (lambda p: patched(p, b"output_norm.weight", 16, "Q", 0),  # its data would alias token_embd's
+     r"tensor 'output_norm.weight' is at data offset 0, expected 128 \(each tensor follows the last"),
+    (lambda p: patched(p, b"output_norm.weight", 16, "Q", 132), r"'output_norm.weight' is at data offset 132, exp"),
+    (lambda p: patched(p, b"GGUF", 12, "Q", 2**40), r""),  # the key count
+    (lambda p: patched(p, b"GGUF", 4, "Q", 2**40), r"1099511627776 tensors, at most 65536"),
+    (lambda p: patched(p, b"GGUF", 0, "I", 1), r"GGUF version 1, only versions 2 and 3"),
+    (lambda p: replaced(p, b"tokenizer.ggml.pre", b"tokenizer.ggml.pr\xff"), r"metadata key b'tokenizer.ggml.pr\\xff'"),
+    (lambda p: replaced(p, b"output_norm.weight", b"output_norm.weigh\xff"), r"tensor name b'output_norm.weigh\\xff'"),
+    (lambda p: p.write_bytes(b"GGUF") and p, r"not a GGUF file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:300]) and p, r"past the end of the file"),
+]
+
+
+@pytest.mark.parametrize("damage, needle", LAYOUT, ids=range(len(LAYOUT)))
+def test_bad_layout_fails_fast(tmp_path, damage, needle):
+    """Counts GGUFReader would loop over for hours (allocating GBs) are checked against the file's size first."""
+    assert_rejected(damage(tiny_gguf(tmp_path / "l.gguf")), needle)
+
+
+def _i32_embd():
+    return tiny_tensors()["token_embd.weight"].astype(np.int32)
+
+
+def _with(name: str, index: tuple, value) -> dict:
+    t = tiny_tensors()[name].copy()
+    t[index] = value
+    return {name: t}
+
+
+TENSORS = [  # (tensors replaced or a damage to the file, what the message must say)
+    ({"token_embd.weight": _i32_embd()}, None, r"tensor 'token_embd.weight' has type I32, expected F32, F16, BF16"),
+    ({"token_embd.weight": tiny_tensors()["token_embd.weight"].astype(np.int8)}, None, r"has type I8"),
+    ({"token_embd.weight": tiny_tensors()["token_embd.weight"].astype(np.float64)}, None, r"has type F64"),
+    (None, lambda p: patched(p, b"blk.0.attn_q.weight", 20, "I", 9), r"'blk.0.attn_q.weight' has type Q8_1"),
+    (None, lambda p: patched(p, b"blk.0.attn_q.weight", 20, "I", 99), r"'blk.0.attn_q.weight' has type 99"),
+    (None, lambda p: patched(p, b"token_embd.weight", 4, "Q", 0), r"'token_embd.weight' has dimensions \[0, 4\]"),
+    (None, lambda p: patched(p, b"token_embd.weight", 0, "I", 5), r"'token_embd.weight' has 5 dimensions"),
+    (None, lambda p: patched(p, b"blk.0.ffn_up.weight", 24, "Q", 2**64 - 16), r"'blk.0.ffn_up.weight' .* runs past"),
+    (_with("blk.0.ffn_up.weight", (3, 2), np.nan), None, r"'blk.0.ffn_up.weight' has 1 NaN or infinite values"),
+    (_with("output_norm.weight", (0,), np.inf), None, r"'output_norm.weight' has 1 NaN or infinite"),
+    ({"output_norm.weight": np.full(8, np.inf, np.float16)}, None, r"'output_norm.weight' has 8 NaN or infinite"),
+    ({"blk.0.attn_q.weight": np.zeros((8, 4), np.float32)}, None, r"'blk.0.attn_q.weight' has shape \(8, 4\)"),
+    ({"blk.0.attn_k.weight": None}, None, r"missing tensors \['model.layers.0.self_attn.k_proj.weight'\]"),
+]
+
+
+@pytest.mark.parametrize("tensors, damage, needle", TENSORS, ids=range(len(TENSORS)))
+def test_bad_tensors(tmp_path, tensors, damage, needle):
+    path = tiny_gguf(tmp_path / "t.gguf", tensors=tensors)
+    assert_rejected(damage(path) if damage else path, needle)
+
+
+@pytest.fixture
+def tiny_home(tmp_path, monkeypatch):
+    """LCDFAST_HOME in tmp_path, with the bundled GGUF replaced by the tiny one."""
+    path = tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setenv("LCDFAST_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(convert, "bundled_gguf", lambda: path)
+    return tmp_path / "home"
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_partials_removed_live_ones_kept_and_stdout_quiet(tiny_home, capfd):
+    """A conversion killed (SIGKILL) leaves `.<name>.<pid>-<host>.*.partial`: the next run removes it once its
+    owner is gone (or it is STALE_SECONDS old), never one a live conversion is writing."""
+    name, host = convert.DEFAULT_NAME, convert._owner().split("-", 1)[1]
+    tiny_home.mkdir()
+    dirs = {kind: tiny_home / f".{name}.{owner}.x{kind}.partial" for kind, owner in [
+        ("dead", f"{dead_pid()}-{host}"), ("live", convert._owner()), ("old", convert._owner()),
+        ("other-host", f"{dead_pid()}-elsewhere"), ("old-format", "k3j4h5")]}
+    for d in dirs.values():
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+    for kind in ("old", "old-format"):
+        old = time.time() - convert.STALE_SECONDS - 5
+        for p in (dirs[kind] / "model.safetensors", dirs[kind]):
+            os.utime(p, (old, old))
+    out = convert.default_model_dir()
+    assert convert.cache_problem(out) is None
+    left = sorted(p.name.split(".")[-2] for p in tiny_home.glob(".*.partial"))
+    assert left == ["xlive", "xother-host"], left
+    captured = capfd.readouterr()
+    assert captured.out == "", f"converting the default model printed to stdout: {captured.out!r}"
+    assert "converting the bundled" in captured.err and "\n\n" not in captured.err, captured.err
+    dirs["live"].touch()
+    convert.default_model_dir()  # a complete cache: only the quick check and the stale sweep
+    assert capfd.readouterr() == ("", "")
+
+
+def test_killed_conversion_is_cleaned_by_the_next_run(tiny_home, tmp_path):
+    """SIGKILL in the middle of writing model.safetensors: the next default_model_dir() removes the .partial."""
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom lcdfast import convert\n"
+            "import safetensors.torch as st\n"
+            "def killed(*a, **k):\n    Path(a[1]).write_bytes(b'half'); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "st.save_file = killed\nconvert.bundled_gguf = lambda: Path(sys.argv[1])\nconvert.default_model_dir()\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tiny.gguf")], capture_output=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert len(list(tiny_home.glob(".*.partial"))) == 1, "the killed conversion should have left its .partial"
+    convert.default_model_dir()
+    assert not list(tiny_home.glob(".*.partial"))
+
+
+def test_interrupted_conversion_leaves_nothing(tiny_home, monkeypatch):
+    """Ctrl-C, or SIGTERM (which the CLI raises as an exception), while writing: the temp directory goes too."""
+    import safetensors.torch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.default_model_dir()
+    assert list(tiny_home.iterdir()) == []
+
+
+DAMAGE = {
+    "no marker": lambda d: (d / convert.MARKER).unlink(),
+    "marker a list": lambda d: (d / convert.MARKER).write_text("[1]"),
+    "marker not JSON": lambda d: (d / convert.MARKER).write_text("{"),
+    "truncated weights": lambda d: os.truncate(d / "model.safetensors", 100),
+    "no config": lambda d: (d / "config.json").unlink(),
+    "no tokenizer": lambda d: (d / "tokenizer.json").unlink(),
+    "no tokenizer_config": lambda d: (d / "tokenizer_config.json").unlink(),
+    "empty dir": lambda d: [f.unlink() for f in d.iterdir()],
+    "a file": lambda d: shutil.rmtree(d) or d.write_text("x"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_cache_is_rebuilt(tiny_home, capfd, damage):
+    out = convert.default_model_dir()
+    DAMAGE[damage](out)
+    assert convert.cache_problem(out) is not None
+    capfd.readouterr()
+    assert convert.default_model_dir() == out and convert.cache_problem(out) is None
+    captured = capfd.readouterr()
+    assert captured.out == "" and f"{out} is damaged" in captured.err, captured
+    assert not list(tiny_home.glob(".*.partial"))
+
+
+def test_cache_from_before_file_sizes_is_kept(tiny_home, capfd):
+    """A marker without the file sizes (written before they were recorded) is complete if every file is there."""
+    out = convert.default_model_dir()
+    (out / convert.MARKER).write_text(json.dumps({"source": "x", "bytes": 1}))
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    capfd.readouterr()
+    assert convert.default_model_dir() == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert capfd.readouterr() == ("", "")
+
+
+def test_damaged_cache_that_cannot_be_moved_names_the_fix(tiny_home, monkeypatch):
+    out = convert.default_model_dir()
+    (out / "config.json").unlink()
+
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(convert.os, "rename", refuse)
+    with pytest.raises(LcdError, match=rf"config.json is missing.*Permission denied.*rm -rf '{re.escape(str(out))}'"):
+        convert.default_model_dir()
+
+
+def test_lcdfast_home_not_a_directory(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(convert, "bundled_gguf", lambda: tmp_path / "never-read.gguf")
+    for home in (tmp_path / "file", tmp_path / "file" / "below"):
+        monkeypatch.setenv("LCDFAST_HOME", str(home))
+        with pytest.raises(LcdError, match=rf"^{re.escape(str(home))}: .*set LCDFAST_HOME to a directory"):
+            convert.default_model_dir()
+
+
+def test_concurrent_first_runs(tiny_home, monkeypatch):
+    """Three first runs at once, all three converting (held together in save_file): each gets the one complete
+    directory, no error, nothing left over; the sweep for stale .partial directories spares the live ones."""
+    import safetensors.torch
+
+    results, errors, saves, start = [], [], [], threading.Barrier(3)
+    save_file = safetensors.torch.save_file
+
+    def slow_save(*args, **kwargs):
+        saves.append(1)
+        time.sleep(0.3)
+        save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", slow_save)
+
+    def run():
+        start.wait()
+        try:
+            results.append(convert.default_model_dir())
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 3 and len(set(results)) == 1 and len(saves) == 3, (errors, results)
+    assert convert.cache_problem(results[0]) is None and not list(tiny_home.glob(".*.partial"))
