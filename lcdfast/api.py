@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import load_model
+from .checkpoint import finite, load_model
 from .compiling import StepTimings, expected_costs, fx_cache_counts, step_key, use_cache_dir
 from .errors import LcdError, whole
 from .generate import (
@@ -28,7 +28,7 @@ from .generate import (
 )
 from .heads import ExitHeads, load_exit_heads, shared_head_auto_layer
 from .model import Transformer
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, releasable
 
 
 def dola_candidates(dola_layers: str | list[int] | tuple[int, ...], n_layers: int, tied: bool) -> tuple[int, ...]:
@@ -322,15 +322,17 @@ class Engine:
     def _generate_batch(self, prompts, encoded, dc, max_new_tokens, seed, stop, stream, offset) -> list[Generation]:
         decoders = [StreamDecoder(self.tokenizer) for _ in encoded]
         texts = [""] * len(encoded)
+        sent = [0] * len(encoded)  # characters of texts[i] streamed: never a stop string or what may begin one
 
         def on_tokens(ids: list[int], live: list[bool]) -> list[bool]:
             stops = []
             for i, tok in enumerate(ids):
                 if live[i] and tok not in self.eos_ids:
-                    piece = decoders[i].push(tok)
-                    texts[i] += piece
-                    if stream is not None and piece:
-                        stream(offset + i, piece)
+                    texts[i] += decoders[i].push(tok)
+                    n = releasable(texts[i][sent[i]:], stop)[0]
+                    if stream is not None and n:
+                        stream(offset + i, texts[i][sent[i]:sent[i] + n])
+                        sent[i] += n
                 stops.append(any(s in texts[i] for s in stop))
             return stops
 
@@ -351,11 +353,6 @@ class Engine:
         stats["compile_cache_hit"] = after[0] > before[0] if first else None
         stats["compile_uncached"] = after[1] > before[1]
         self._record(key, stats, first)
-        if stream is not None:
-            for i, decoder in enumerate(decoders):
-                rest = decoder.flush()
-                if rest:
-                    stream(offset + i, rest)
         results = []
         for i, ids in enumerate(out):
             content = [t for t in ids if t not in self.eos_ids]
@@ -363,6 +360,8 @@ class Engine:
             if reasons[i] == "stop":
                 cut = min(text.find(s) for s in stop if s in text)
                 text = text[:cut]
+            if stream is not None and text[sent[i]:]:
+                stream(offset + i, text[sent[i]:])  # what was held back, up to any stop string
             results.append(Generation(prompts[i], text, ids, len(encoded[i]), reasons[i], seconds,
                                       layers[i] if dc.method == "dola" else None, stats))
         return results
@@ -473,7 +472,11 @@ class Engine:
                 out.append(self.model.output(final).float())
             else:
                 out.append(exit_logits(self.model, exits[early.index(j)][None], exit_norm, readout(j))[0])
-        return torch.stack(out)
+        out = torch.stack(out)
+        if not finite(out):
+            raise LcdError(f"layer_logits: the model's logits are NaN or infinite (weights that overflow "
+                           f"{self.model.output.weight.dtype}?)")
+        return out
 
     def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,
              exit_norm: bool = True) -> dict:

@@ -1,20 +1,20 @@
-"""`lcdfast` command line: parses, validates, calls the library, prints. Errors: one line, exit code 2."""
+"""`lcdfast` command line: parses, validates, calls the library, prints. Errors: one line, exit code 2; Ctrl-C
+exits 130 and SIGTERM 143, each with one line, after the same cleanup.
+
+Only the standard library is imported before main() runs: torch, numpy and rich load inside it, so Ctrl-C during
+those imports is an interruption like any other."""
 
 import argparse
 import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-from . import evaluate
 from .errors import LcdError
-from .evaluate import METHOD_SYNTAX
-from .tables import print_table
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +55,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import METHOD_SYNTAX
+
     parser = argparse.ArgumentParser(prog="lcdfast", description="Fast layer-contrastive decoding")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -133,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 def compile_status(engine, label: str) -> Iterator[None]:
     """A status line with elapsed time on stderr while a decode step compiles (a spinner on a terminal), then
     how long it took (unless compiling failed: the engine has said so and decodes eagerly)."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     console, t0 = Console(stderr=True), time.perf_counter()
     text = f"compiling the decode step ({label}; cached for later runs)"
     if console.is_terminal:
@@ -185,7 +190,7 @@ def cmd_generate(args) -> None:
 
     def stream(row: int, text: str) -> None:
         show_prompt()
-        print(text, end="", flush=True)
+        print(text, end="", flush=True)  # never a stop string or what may begin one (the engine holds it back)
 
     results = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
                               chat=args.chat, batch_size=args.batch_size, stream=stream if streaming else None,
@@ -215,6 +220,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_lens(args) -> None:
+    from .tables import print_table
+
     engine = load_engine(args)
     if args.last < 1:
         raise LcdError(f"--last: {args.last} must be >= 1")
@@ -282,6 +289,8 @@ def cmd_bench(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from . import evaluate
+
     data = args.data_option or args.data
     if data is None:
         raise LcdError("eval: give the data file (--prompts FILE.jsonl or --data FILE.csv)")
@@ -304,8 +313,23 @@ def cmd_eval(args) -> None:
         evaluate.eval_factor(engine, data, args.out, methods, prefix_column=args.prefix_column, **common)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def check_text(args: argparse.Namespace) -> None:
+    """Prompts and stop strings must be UTF-8: Python hands other argv bytes over as lone surrogates, which no
+    tokenizer or terminal takes."""
+    for name in ("prompt", "stop"):
+        values = getattr(args, name, None)
+        for value in [values] if isinstance(values, str) else values or []:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                try:
+                    seen = value.encode("utf-8", "surrogateescape")  # the bytes given
+                except UnicodeEncodeError:
+                    seen = value  # lone surrogates from a Python caller
+                raise LcdError(f"{'--' * (name == 'stop')}{name}: {seen[:60]!r} is not valid UTF-8 text") from None
+
+
+def run_command(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # its own parser takes every later argument, --help and --quick too
         args = argparse.Namespace(command=argv[0], args=argv[1:])
     else:
@@ -313,17 +337,37 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "lens": cmd_lens, "convert": cmd_convert, "bench": cmd_bench,
                 "eval": cmd_eval, "fit-lens": cmd_fit_lens, "train-heads": cmd_train_heads}
     try:
+        check_text(args)
         commands[args.command](args)
-    except LcdError as e:
-        print(f"lcdfast: error: {e}", file=sys.stderr)
+    except (LcdError, OSError) as e:  # OSError: a path that can't be read or written; its message names the path
+        print(f"lcdfast: error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # one line, whatever it quotes
         return 2
-    except OSError as e:  # an output or cache path that can't be written: its message names the path
-        print(f"lcdfast: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs (a conversion's temp dir)."""
+
+
+def terminate(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM would cut the cleanup short
+    raise Terminated
+
+
+def main(argv: list[str] | None = None) -> int:
+    on_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv)
+    except Terminated:
+        print("lcdfast: terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:  # anywhere in main, torch's import included
         print("lcdfast: interrupted", file=sys.stderr)
         return 130
-    return 0
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -115,18 +115,22 @@ def read_open_ended(path: str | Path, limit: int | None = None) -> list[dict]:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LcdError(f"{path}: cannot read ({e})") from None
-    items = []
+    items, seen = [], {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise LcdError(f"{path}:{lineno}: not valid JSON") from None
         for key in ("prompt", "reference"):
             if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
                 raise LcdError(f"{path}:{lineno}: missing string key '{key}'")
-        items.append({"id": str(rec.get("id", lineno)), "prompt": rec["prompt"], "reference": rec["reference"]})
+        item = {"id": str(rec.get("id", lineno)), "prompt": rec["prompt"], "reference": rec["reference"]}
+        if item["id"] in seen:
+            raise LcdError(f"{path}:{lineno}: id {item['id']!r} already on line {seen[item['id']]} (ids must differ)")
+        seen[item["id"]] = lineno
+        items.append(item)
         if len(items) == limit:
             break
     if not items:
@@ -334,45 +338,71 @@ def task_options(spec: MethodSpec, task: str, scoring: bool) -> dict:
 
 # ---- resumable runs ------------------------------------------------------------------------------------------
 
-def load_records(path: Path) -> list[dict]:
-    """Records already in `path`; a torn last line (a run killed mid-write) is dropped from the file."""
+def load_records(path: Path, fields: dict | None = None) -> list[dict]:
+    """Records already in `path`: JSON objects with a string `id` (and `fields`: {key: type}); a torn last line
+    (a run killed mid-write) is dropped from the file, any other line that is not a record is an LcdError."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for i, line in enumerate(lines):
+    data = path.read_bytes()
+    lines, records = data.splitlines(), []
+    for i, line in enumerate(lines, 1):
+        where = f"{path}:{i}"
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise LcdError(f"{path}:{i + 1}: not valid JSON (delete the file to start over)") from None
+            rec = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise LcdError(f"{where}: not valid UTF-8 (delete the file to start over)") from None
+        except (ValueError, RecursionError):
+            if i == len(lines):
+                continue
+            raise LcdError(f"{where}: not valid JSON (delete the file to start over)") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            raise LcdError(f"{where}: {line.decode()[:60]!r} is not a record (a JSON object with a string 'id'); "
+                           "delete the file to start over")
+        bad = next((k for k, kind in (fields or {}).items() if not isinstance(rec.get(k), kind)), None)
+        if bad is not None:
+            raise LcdError(f"{where}: record {rec['id']!r} has {bad} {rec.get(bad)!r}, expected a "
+                           f"{getattr(fields[bad], '__name__', 'number')} (delete the file to start over)")
+        records.append(rec)
     text = "".join(json.dumps(r) + "\n" for r in records)
-    if text != path.read_text(encoding="utf-8"):
+    if text.encode("utf-8") != data:
         path.write_text(text, encoding="utf-8")
     return records
 
 
+def _flat(value, key: str = "") -> dict:
+    """Nested settings as {"options.top_p": 0.95, ...}, to name the one that differs."""
+    if isinstance(value, dict) and value:
+        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{key}.{name}" if key else name).items()}
+    return {key: value}
+
+
 def run_resumable(path: Path, items: list[dict], config: dict, work: Callable[[list[dict]], list[dict]],
-                  chunk: int, label: str) -> list[dict]:
-    """Apply `work` to the items not yet recorded in `path`, `chunk` at a time, appending each record as it
-    comes; return the records of `items` in order. `config` is stored in every record and must match."""
+                  chunk: int, label: str, fields: dict | None = None) -> list[dict]:
+    """Apply `work` to the items not yet recorded in `path`, `chunk` at a time, appending each chunk's records as
+    they come; return the records of `items` in order. `config` (the settings that change results) is stored in
+    every record and must match. Chunks are cut from `items` as a fresh run cuts them, a chunk partly recorded
+    is redone whole: a resumed run batches (and seeds) every item as a run from scratch does."""
     config = json.loads(json.dumps(config))
     done = {}
-    for r in load_records(path):
+    for r in load_records(path, fields):
         if r.get("config") != config:
-            raise LcdError(f"{path}: written with settings {r.get('config')}, now {config} "
-                           f"(use another output directory or delete the file)")
+            old, new = _flat(r.get("config")), _flat(config)
+            diff = [f"{k} {old.get(k, 'unset')!r}, now {new.get(k, 'unset')!r}" for k in dict.fromkeys([*old, *new])
+                    if old.get(k, "unset") != new.get(k, "unset")]
+            raise LcdError(f"{path}: written with settings that differ: {'; '.join(diff[:3])} (use the same "
+                           "settings, another output directory, or delete the file to start over)")
         done[r["id"]] = r
-    todo = [it for it in items if it["id"] not in done]
+    todo = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    todo = [batch for batch in todo if any(it["id"] not in done for it in batch)]
     columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn())
     with path.open("a", encoding="utf-8") as f, Progress(*columns, console=console) as progress:
-        bar = progress.add_task(label, total=len(items), completed=len(items) - len(todo))
-        for start in range(0, len(todo), chunk):
-            batch = todo[start:start + chunk]
-            for rec in work(batch):
+        bar = progress.add_task(label, total=len(items), completed=len(items) - sum(map(len, todo)))
+        for batch in todo:
+            records = work(batch)
+            for rec in records:
                 rec["config"] = config
-                f.write(json.dumps(rec) + "\n")
                 done[rec["id"]] = rec
+            f.write("".join(json.dumps(rec) + "\n" for rec in records))
             f.flush()
             progress.advance(bar, len(batch))
     return [done[it["id"]] for it in items]
@@ -426,9 +456,10 @@ def _text_metrics(texts: list[str], emb: Embedder | None, prompt_feats: np.ndarr
 
 
 def _run_methods(task: str, data: str | Path, out_dir: str | Path, items: list[dict], methods, chunk: int,
-                 work: Callable[[list[dict], dict], list[dict]], config: dict | None = None) -> dict:
+                 work: Callable[[list[dict], dict], list[dict]], config: dict, fields: dict) -> dict:
     """{name: (engine options, records)} for each method, run resumably into out_dir/<data stem>-<name>.jsonl.
-    A method whose options equal an earlier one's (acd:auto and the layer it chose) reuses its records."""
+    A method whose options equal an earlier one's (acd:auto and the layer it chose) reuses its records. A sampled
+    method's settings include the batch size: each batch draws its own noise."""
     out = {}
     for spec in methods:
         opts = task_options(spec, task, scoring=task != "open-ended")
@@ -436,9 +467,10 @@ def _run_methods(task: str, data: str | Path, out_dir: str | Path, items: list[d
         if same is not None:
             out[spec.name] = out[same]
             continue
-        path = _out_file(out_dir, data, spec.name)
-        out[spec.name] = opts, run_resumable(path, items, {"options": opts, **(config or {})},
-                                             lambda batch, opts=opts: work(batch, opts), chunk, spec.name)
+        sampled = opts["method"] == "sample" or opts.get("do_sample")
+        settings = {"options": opts, **config, **({"batch_size": chunk} if sampled else {})}
+        out[spec.name] = opts, run_resumable(_out_file(out_dir, data, spec.name), items, settings,
+                                             lambda batch, opts=opts: work(batch, opts), chunk, spec.name, fields)
     return out
 
 
@@ -471,8 +503,9 @@ def eval_open_ended(engine, prompts_path: str | Path, out_dir: str | Path, metho
                 for it, o in zip(batch, outs)]
 
     config = {"max_new_tokens": max_new_tokens, "seed": seed}
+    fields = {"text": str, "new_tokens": int, "seconds": int | float}
     for name, (opts, recs) in _run_methods("open-ended", prompts_path, out_dir, items, methods, batch_size,
-                                           work, config).items():
+                                           work, config, fields).items():
         row, feats = _text_metrics([r["text"] for r in recs], emb, prompt_feats)
         row["mauve"] = mauve_score(ref_feats, feats, notes) if mauve and feats is not None else None
         seconds, new_tokens = sum(r["seconds"] for r in recs), sum(r["new_tokens"] for r in recs)
@@ -505,7 +538,8 @@ def _eval_choices(engine, task: str, data: str | Path, out_dir: str | Path, meth
                 rec["methods"][name] = {"scores": mine, **judge(it, mine)}
         return records
 
-    recs = run_resumable(_out_file(out_dir, data, "scores"), items, {"options": opts}, work, 1, task)
+    recs = run_resumable(_out_file(out_dir, data, "scores"), items, {"options": opts}, work, 1, task,
+                         {"methods": dict})
     return {name: (o, [{"id": r["id"], **r["methods"][name]} for r in recs]) for name, o in opts.items()}
 
 
@@ -563,8 +597,11 @@ def report(summary: dict, out_dir: str | Path | None = None) -> None:
         path = Path(out_dir) / "summary.json"
         try:
             stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or not UTF-8
             raise LcdError(f"{path}: not valid JSON (delete it to start over)") from None
+        if not isinstance(stored, dict):
+            raise LcdError(f"{path}: holds a {type(stored).__name__}, expected an object of summaries by data file "
+                           "(delete it to start over)")
         stored[Path(summary["data"]).stem] = summary
         path.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
 

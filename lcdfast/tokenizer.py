@@ -2,15 +2,25 @@
 
 Matches transformers' AutoTokenizer on the same directory: special tokens in the text are matched as
 single ids, BOS/EOS follow tokenizer_config's add_bos_token/add_eos_token when given (else the
-tokenizer.json post-processor decides), and the chat template is rendered in a jinja2 sandbox.
+tokenizer.json post-processor decides), and the chat template is rendered in a jinja2 sandbox (here also bounded in
+time and size). A malformed file or value is an LcdError naming the file and key.
 """
 
 import json
 import re
+import sys
+import time
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
-from .errors import LcdError, token_ids
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import LcdError, is_int, token_ids
+
+TEMPLATE_SECONDS = 2.0  # a chat template renders in milliseconds; one still running after this is looping
+TEMPLATE_CHARS = 1_000_000  # longest rendered prompt, and longest string or list a template may build with * or **
 
 
 def _json(path: Path) -> dict:
@@ -18,41 +28,126 @@ def _json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, invalid UTF-8, an integer of 5000 digits
         raise LcdError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise LcdError(f"{path}: holds a {type(data).__name__}, expected a JSON object")
+    return data
 
 
-def _content(token) -> str | None:
+def _content(token, where: str) -> str | None:
     """tokenizer_config stores special tokens as strings or as AddedToken dicts {"content": ...}."""
-    return token.get("content") if isinstance(token, dict) else token
+    content = token.get("content") if isinstance(token, dict) else token
+    if content is not None and not isinstance(content, str):
+        raise LcdError(f"{where} {token!r} must be a string, an object with a string 'content', or null")
+    if content is not None and not content.isascii():
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:  # a JSON escape such as "\ud800": no tokenizer takes it
+            raise LcdError(f"{where} {token!r} is not valid Unicode (a lone surrogate)") from None
+    return content
 
 
-def _chat_template(model_dir: Path, cfg: dict) -> str | None:
+def _flag(cfg: dict, key: str, default: bool | None, where: Path) -> bool | None:
+    value = cfg.get(key, default)
+    if value is not None and not isinstance(value, bool):
+        raise LcdError(f"{where}: {key} {value!r} must be true, false or null")
+    return value
+
+
+def _chat_template(model_dir: Path, cfg: dict) -> tuple[str | None, str]:
+    """The chat template and where it came from (file and key, for errors): tokenizer_config.json's
+    chat_template (a string, or transformers' list of {"name", "template"}: the one named "default"), else
+    chat_template.jinja, else chat_template.json."""
+    where = f"{model_dir / 'tokenizer_config.json'}: chat_template"
     template = cfg.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if isinstance(template, list):
+        named = {}
+        for i, t in enumerate(template):
+            if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)):
+                raise LcdError(f"{where}[{i}]: {str(t)[:80]} must be an object with string 'name' and 'template'")
+            named[t["name"]] = t["template"]
+        if "default" not in named:
+            raise LcdError(f"{where}: no template named 'default' among {sorted(named)}")
+        template, where = named["default"], f"{where}[default]"
     if template is None and (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    return template or _json(model_dir / "chat_template.json").get("chat_template")
+        where = str(model_dir / "chat_template.jinja")
+        try:
+            template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LcdError(f"{where}: not valid UTF-8 ({e})") from None
+    if template is None:
+        where = f"{model_dir / 'chat_template.json'}: chat_template"
+        template = _json(model_dir / "chat_template.json").get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise LcdError(f"{where}: {str(template)[:80]} must be a string")
+    return template or None, where
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """transformers' chat-template sandbox, where `*` and `**` can't build huge strings, lists or numbers
+    (jinja2 already caps range() at 100000 items)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator: str, left, right):
+        if operator == "**" and is_int(left) and is_int(right) and abs(left) > 1 and right > 4096:
+            raise SecurityError(f"{left} ** {right} is too large")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(left, str | list | tuple) else (right, left)
+            if isinstance(seq, str | list | tuple) and is_int(n) and len(seq) * n > TEMPLATE_CHARS:
+                raise SecurityError(f"a {type(seq).__name__} of {len(seq)} * {n} is too long")
+        return super().call_binop(context, operator, left, right)
+
+
+class TooSlow(Exception):
+    """A chat template still running after TEMPLATE_SECONDS."""
+
+
+def _bounded(fn, *args, **kwargs):
+    """fn(*args, **kwargs), stopped with TooSlow after TEMPLATE_SECONDS: a trace function checks the clock on
+    each line of Python it runs (jinja2 compiles templates to Python, so a template's loops are lines too)."""
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+
+    def tick(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TooSlow(f"still running after {TEMPLATE_SECONDS:g}s")
+        return tick
+
+    previous = sys.gettrace()
+    sys.settrace(tick)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        sys.settrace(previous)
 
 
 class Tokenizer:
     def __init__(self, model_dir: Path, hf=None, sp=None) -> None:
         self.model_dir, self.hf, self.sp = model_dir, hf, sp
-        cfg = _json(model_dir / "tokenizer_config.json")
+        path = model_dir / "tokenizer_config.json"
+        self.cfg = cfg = _json(path)
         model_cfg = _json(model_dir / "config.json")
         gen_cfg = _json(model_dir / "generation_config.json")
-        self.chat_template = _chat_template(model_dir, cfg)
         # Special tokens: defaults of transformers' LlamaTokenizer for sentencepiece, none for tokenizer.json.
         default = {"bos": "<s>", "eos": "</s>", "unk": "<unk>"} if sp is not None else {}
-        self.tokens = {k: _content(cfg.get(f"{k}_token", default.get(k))) for k in ("bos", "eos", "pad", "unk")}
+        self.tokens = {k: _content(cfg.get(f"{k}_token", default.get(k)), f"{path}: {k}_token")
+                       for k in ("bos", "eos", "pad", "unk")}
         # sentencepiece only (tokenizer.json has its own): token text -> id, matched whole inside the input text
         added = cfg.get("added_tokens_decoder", {}) if sp is not None else {}
-        self.specials: dict[str, int] = {a["content"]: int(k) for k, a in added.items()}
+        if not isinstance(added, dict):
+            raise LcdError(f"{path}: added_tokens_decoder must be an object of id: {{\"content\": ...}}")
+        self.specials: dict[str, int] = {}
+        for k, a in added.items():
+            content = _content(a, f"{path}: added_tokens_decoder[{k!r}]")
+            if not k.isdecimal() or content is None:
+                raise LcdError(f"{path}: added_tokens_decoder[{k!r}] must map a token id to {{\"content\": ...}}")
+            self.specials[content] = int(k)
         ids = {k: self._token_id(t) for k, t in self.tokens.items()}
-        self.bos_token_id: int | None = ids["bos"] if ids["bos"] is not None else model_cfg.get("bos_token_id")
-        self.pad_token_id: int | None = ids["pad"] if ids["pad"] is not None else model_cfg.get("pad_token_id")
+        model_ids = {k: token_ids(f"{model_dir / 'config.json'}: {k}", model_cfg.get(k))[:1] or [None]
+                     for k in ("bos_token_id", "pad_token_id")}
+        self.bos_token_id: int | None = ids["bos"] if ids["bos"] is not None else model_ids["bos_token_id"][0]
+        self.pad_token_id: int | None = ids["pad"] if ids["pad"] is not None else model_ids["pad_token_id"][0]
         self.eos_token_id = ids["eos"]  # the tokenizer's own EOS, appended when add_eos_token
         source = "generation_config.json" if "eos_token_id" in gen_cfg else "config.json"
         eos = gen_cfg.get("eos_token_id", model_cfg.get("eos_token_id"))
@@ -61,12 +156,14 @@ class Tokenizer:
             eos.append(self.eos_token_id)
         self.eos_token_ids: list[int] = eos
         # None: leave BOS/EOS to tokenizer.json's post-processor; sentencepiece defaults are LLaMA's.
-        self.add_bos: bool | None = cfg.get("add_bos_token", True if sp is not None else None)
-        self.add_eos: bool | None = cfg.get("add_eos_token", False if sp is not None else None)
-        self.cleanup = bool(cfg.get("clean_up_tokenization_spaces", False))
+        self.add_bos: bool | None = _flag(cfg, "add_bos_token", True if sp is not None else None, path)
+        self.add_eos: bool | None = _flag(cfg, "add_eos_token", False if sp is not None else None, path)
+        self.cleanup = bool(_flag(cfg, "clean_up_tokenization_spaces", False, path))
         self.special_ids = set(self.specials.values())
         self.split = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")")
         n = hf.get_vocab_size(with_added_tokens=True) if hf is not None else sp.get_piece_size()
+        if n == 0:
+            raise LcdError(f"{model_dir / ('tokenizer.json' if sp is None else 'tokenizer.model')}: empty vocabulary")
         self.vocab_size: int = max([n, *(i + 1 for i in self.special_ids)])
 
     def _token_id(self, token: str | None) -> int | None:
@@ -116,6 +213,10 @@ class Tokenizer:
         return sorted(ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: argv bytes that were not UTF-8, or a broken str
+            raise LcdError(f"text: {text[:40]!r} is not valid Unicode (lone surrogates; not UTF-8 bytes?)") from None
         if self.hf is not None and (self.add_bos is None or not add_special_tokens):
             return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
         if self.hf is not None:
@@ -150,26 +251,56 @@ class Tokenizer:
                 text = text.replace(a, b)
         return text
 
-    def apply_chat_template(self, user_message: str) -> str:
-        """The prompt for one user turn followed by the assistant's generation prompt."""
-        if not self.chat_template:
-            raise LcdError(f"{self.model_dir}: no chat_template in tokenizer_config.json (use a plain prompt)")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    @cached_property
+    def chat_template(self) -> tuple:
+        """The chat template compiled in a jinja2 sandbox as transformers does (None: the model has none), and the
+        file and key it came from; read when first used, so a model with a broken template still takes plain
+        prompts."""
+        source, where = _chat_template(self.model_dir, self.cfg)
+        if source is None:
+            return None, where
 
         def raise_exception(message: str):
-            raise LcdError(f"{self.model_dir}: chat template: {message}")
+            raise LcdError(f"{where}: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-        tokens = {f"{k}_token": v for k, v in self.tokens.items() if v is not None}
+        return self._run_template(where, env.from_string, source), where
+
+    def _run_template(self, where: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs) bounded in time (_bounded), anything it raises an LcdError naming the template."""
         try:
-            return env.from_string(self.chat_template).render(
-                messages=[{"role": "user", "content": user_message}], add_generation_prompt=True, **tokens)
-        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # the template's own errors too
-            raise LcdError(f"{self.model_dir}: chat template failed to render ({type(e).__name__}: {e})") from None
+            return _bounded(fn, *args, **kwargs)
+        except LcdError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a template raises (1/0 too) is the template's fault
+            message = " ".join(str(e).split())[:200]
+            raise LcdError(f"{where}: the chat template failed ({type(e).__name__}: {message})") from None
+
+    def apply_chat_template(self, user_message: str) -> str:
+        """The prompt for one user turn followed by the assistant's generation prompt (LcdError naming the
+        template's file if it fails, runs over TEMPLATE_SECONDS, or renders nothing or over TEMPLATE_CHARS)."""
+        template, where = self.chat_template
+        if template is None:
+            raise LcdError(f"{self.model_dir}: no chat_template in tokenizer_config.json (use a plain prompt)")
+        tokens = {f"{k}_token": v for k, v in self.tokens.items() if v is not None}
+        text = self._run_template(where, template.render, messages=[{"role": "user", "content": user_message}],
+                             add_generation_prompt=True, **tokens)
+        if not text:
+            raise LcdError(f"{where}: the chat template rendered an empty prompt")
+        if len(text) > TEMPLATE_CHARS:
+            raise LcdError(f"{where}: the chat template rendered {len(text)} characters (at most {TEMPLATE_CHARS})")
+        return text
+
+
+def releasable(text: str, stops: list[str]) -> tuple[int, bool]:
+    """How much of streamed `text` (not yet shown) is final, as generate cuts its text at the first stop string:
+    all up to the first stop string if one came (True), else all but the longest tail that may begin one."""
+    found = [text.find(s) for s in stops if s in text]
+    if found:
+        return min(found), True
+    return len(text) - max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0), False
 
 
 class StreamDecoder:

@@ -334,3 +334,62 @@ def test_report_writes_summary_per_data_file(tmp_path):
     stored = json.loads((tmp_path / "summary.json").read_text())
     assert set(stored) == {"news_factor", "TruthfulQA"}
     assert stored["news_factor"]["methods"]["greedy"]["accuracy"] == 0.5
+
+
+# ---- damaged result files and resumed settings (issue #18)
+
+RECORD = '{"id": "0", "text": "x", "new_tokens": 1, "seconds": 0.5}'
+
+
+@pytest.mark.parametrize("line, needle", [
+    (b"5", "'5' is not a record"), (b"[]", "is not a record"), (b'{"text": "x"}', "is not a record"),
+    (b'{"id": 3}', "string 'id'"), (b'{"id": "1", "text": "\xff"}', "not valid UTF-8"),
+    (b"{not json", "not valid JSON"), (b'{"id": "1", "text": 5, "new_tokens": 1, "seconds": 0}', "text 5"),
+])
+def test_load_records_names_the_bad_line(line, needle, tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(RECORD.encode() + b"\n" + line + b"\n" + RECORD.encode() + b"\n")
+    fields = {"text": str, "new_tokens": int, "seconds": int | float}
+    with pytest.raises(LcdError) as e:
+        ev.load_records(path, fields)
+    assert str(e.value).startswith(f"{path}:2: ") and needle in str(e.value) and "delete the file" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_summary_that_is_not_an_object(tmp_path):
+    summary = {"task": "factor", "data": "/x/f.csv", "items": 1, "methods": {"greedy": {"accuracy": 1.0}}}
+    for text, needle in (("[1]", "holds a list"), (b"\xff", "not valid JSON")):
+        (tmp_path / "summary.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(LcdError, match=needle):
+            ev.report(summary, tmp_path)
+
+
+class SeedEngine(FakeEngine):
+    def generate(self, prompts, max_new_tokens=128, seed=0, batch_size=8, **options):
+        self.calls.setdefault("batches", []).append((len(prompts), seed))
+        return super().generate(prompts, max_new_tokens, seed, batch_size, **options)
+
+
+def test_resume_refuses_another_batch_size_when_sampling(tmp_path):
+    data = tmp_path / "wiki.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"start word{i}", "reference": "ref"}) + "\n" for i in range(5)))
+    embed = lambda texts: np.ones((len(texts), 2))
+    run = lambda engine, spec, **kw: ev.eval_open_ended(engine, data, tmp_path / "out", ev.parse_methods(spec, 4),
+                                                        max_new_tokens=4, embedder=embed, mauve=False, **kw)
+    run(SeedEngine(), "top-p=0.9,greedy", batch_size=2, limit=3)
+    with pytest.raises(LcdError, match="wiki-top-p=0.9.jsonl: written with settings that differ: batch_size 2, now 3"):
+        run(SeedEngine(), "top-p=0.9", batch_size=3)
+    run(SeedEngine(), "greedy", batch_size=3)  # greedy: the batch size changes nothing
+    engine = SeedEngine()
+    run(engine, "top-p=0.9", batch_size=2)  # items 0-2 done: batches as a fresh run cuts them, [2, 3] redone whole
+    assert engine.calls["batches"] == [(2, 2), (1, 4)]
+
+
+def test_read_open_ended_refuses_repeated_ids(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "x", "reference": "y"}\n' * 2)
+    with pytest.raises(LcdError, match="p.jsonl:2: id 'a' already on line 1"):
+        ev.read_open_ended(path)
+    path.write_text('{"prompt": "x", "reference": "y", "n": 1' + "0" * 5000 + "}\n")
+    with pytest.raises(LcdError, match="p.jsonl:1: not valid JSON"):
+        ev.read_open_ended(path)
