@@ -178,6 +178,16 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return out
 
 
+
+def finish_gguf(w, path):
+    """Header, metadata and tensors of GGUFWriter `w` out to its file; returns `path`."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def write_gguf(path: Path, arch: str = "llama", tok_model: str = "gpt2", tensors: dict | None = None,
                hf_dir: Path | None = None, cfg=None) -> Path:
     import gguf
@@ -206,11 +216,7 @@ def write_gguf(path: Path, arch: str = "llama", tok_model: str = "gpt2", tensors
         w.add_chat_template(json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"])
     for name, t in (tensors or {"token_embd.weight": np.zeros((4, 2), np.float32)}).items():
         w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish_gguf(w, path)
 
 
 def test_tiny_gguf_round_trip(tmp_path):
@@ -357,11 +363,7 @@ def tiny_gguf(path: Path, kv: dict | None = None, tensors: dict | None = None) -
     for name, t in (tiny_tensors() | (tensors or {})).items():
         if t is not None:
             w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish_gguf(w, path)
 
 
 def patched(path: Path, after: bytes, skip: int, fmt: str, value) -> Path:

@@ -11,26 +11,12 @@ import time
 
 import pytest
 from conftest import save_tiny_tokenizer
+from test_cli import assert_one_line_error, run
 
 import lcdfast
 from lcdfast import cli, tokenizer
 from lcdfast.errors import LcdError
 from lcdfast.tokenizer import Tokenizer
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lcdfast: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
 
 # ---- tokenizer and chat-template files
 
