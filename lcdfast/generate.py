@@ -207,7 +207,7 @@ def generate_ids(
     tokens on the host and returns True to stop a row early (stop strings) — it is called once per step.
     With `warmup`, step_fn is first called once inside that context, before the prefill, so that a compiled
     step compiles before any token is out; its time is the stats' compile_seconds."""
-    device = model.output.weight.device
+    device = model.device
     B, V = len(prompts), model.config.vocab_size
     tokens, pad = left_pad(prompts, model.config.pad_token_id or 0, device)
     T = tokens.shape[1]
@@ -264,7 +264,7 @@ def generate_ids(
         ids, picks = token.tolist(), chosen.tolist()  # the one host sync per token
         if min(ids) < 0:
             raise LcdError(f"generate: the model's scores for prompt {ids.index(min(ids))} are NaN or infinite at new "
-                           f"token {step} (weights that overflow {model.output.weight.dtype}?)")
+                           f"token {step} (weights that overflow {model.dtype}?)")
         for i in range(B):
             if not live[i]:
                 continue
@@ -349,7 +349,7 @@ def prefix_kv(model: Transformer, prefix: list[int], S: int, cache: dict) -> lis
     `cache` maps (model id, prefix tokens) -> K/V and keeps the two most recent per model. Attention is
     causal, so a cached prefix's K/V is valid up to where its tokens first differ: a few-shot demo is
     computed once and each question after it only from where it starts."""
-    device = model.output.weight.device
+    device = model.device
 
     def shared_start(tokens: tuple) -> int:
         n = 0
@@ -401,7 +401,7 @@ def score_ids(
     Rows are right-padded (real tokens never see the padding, so no mask is needed), and the prompts'
     longest shared token prefix (e.g. a few-shot demo) runs once and is copied into every row's cache;
     `prefix_cache` keeps that prefix's K/V per model across calls (the last prefix only)."""
-    device = model.output.weight.device
+    device = model.device
     shared = min(len(p) for p in prompts) - 1
     for p in prompts:
         shared = next((k for k in range(shared) if p[k] != prompts[0][k]), shared)
@@ -444,6 +444,6 @@ def score_ids(
         totals = torch.zeros(B, dtype=picked.dtype, device=device).index_add_(0, row_of, picked).tolist()
         if not all(map(math.isfinite, totals)):  # finite logits give finite log-likelihoods under every method
             raise LcdError(f"score: the model's {sc.method} log-likelihoods are NaN or infinite (weights that overflow "
-                           f"{model.output.weight.dtype}?)")
+                           f"{model.dtype}?)")
         results.append(totals)
     return results

@@ -27,6 +27,7 @@ from torch import Tensor
 from .checkpoint import finite
 from .errors import LcdError
 from .model import Transformer
+from .quant import dense, weight_rows
 
 FORMAT = "lcdfast-exit-heads/1"
 TEXT_FIELDS = ("text", "question", "prompt", "full_prefix", "context", "passage")
@@ -113,7 +114,7 @@ def hidden_states(model: Transformer, rows: Tensor, layers: tuple[int, ...],
     """The residual streams [L, R, T, C] at `layers`, and with `logits` the final layer's [R, T, V] (float32;
     the head's product is about a fifth of SmolLM2's forward pass, so only the statistics ask for it)."""
     R, T = rows.shape
-    device = model.output.weight.device
+    device = model.device
     model.setup_caches(R, T)
     final, exits = model(rows.to(device), torch.arange(T, device=device), torch.zeros(R, dtype=torch.long,
                                                                                           device=device), layers)
@@ -137,10 +138,10 @@ def fingerprint(model: Transformer) -> dict:
     cfg = model.config
     shape = {k: getattr(cfg, k) for k in ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                                            "head_dim", "hidden_dim", "embed_dim", "norm", "positions")}
-    head = model.output.weight
-    rows = torch.linspace(0, head.shape[0] - 1, 32).long()
+    rows = torch.linspace(0, cfg.vocab_size - 1, 32).long()
+    head = weight_rows(model.output.weight, rows.to(model.device))  # [32, E]
     return {"config_sha256": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest(),
-            "head_norms": [round(x, 6) for x in head[rows].float().norm(dim=-1).tolist()]}
+            "head_norms": [round(x, 6) for x in head.float().norm(dim=-1).tolist()]}
 
 
 def check_fingerprint(path: Path, meta: dict, model: Transformer) -> None:
@@ -202,7 +203,7 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
     """Read a lens file (`lens.<l>.weight` [C, C], `lens.<l>.bias` [C]) or trained heads (`...lm_head_<l>.weight`
     [V, E]) for `model`: shapes, values and the model it was made for are checked, each with a one-line error."""
     path = Path(path)
-    cfg, ref = model.config, model.output.weight
+    cfg = model.config
     try:
         with safe_open(str(path), framework="pt") as f:
             meta, names = f.metadata() or {}, list(f.keys())
@@ -225,9 +226,9 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
             raise LcdError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, expected {want}")
         if not tensor.is_floating_point():
             raise LcdError(f"{path}: '{key}' has dtype {tensor.dtype}, expected floating point")
-        tensor = tensor.to(dtype=ref.dtype, device=ref.device).contiguous()
+        tensor = tensor.to(dtype=model.dtype, device=model.device).contiguous()
         if not finite(tensor):
-            raise LcdError(f"{path}: '{key}' holds NaN or infinite values (as {ref.dtype})")
+            raise LcdError(f"{path}: '{key}' holds NaN or infinite values (as {model.dtype})")
         if not lens:
             out.heads[layer] = tensor
         elif part == "weight":
@@ -257,8 +258,8 @@ def readout_logits(model: Transformer, h: Tensor, lens: tuple[Tensor, Tensor] | 
     """What layer l predicts from residual streams h [..., C]: lens, final norm, head -> logits [..., V]."""
     if lens is not None:
         h = F.linear(h, lens[0].to(h.device, h.dtype), lens[1].to(h.device, h.dtype))
-    h = model.final_hidden(h.to(model.output.weight.dtype))
-    return F.linear(h, model.output.weight if head is None else head).float()
+    h = model.final_hidden(h.to(model.dtype))
+    return (model.output(h) if head is None else F.linear(h, head)).float()
 
 
 def layer_stats(model: Transformer, dev_h: Tensor, dev_logits: Tensor, targets: Tensor, layers: tuple[int, ...],
@@ -320,7 +321,7 @@ def fit_lens(engine, data: list[str | Path], layers: tuple[int, ...], max_tokens
             xty += x.transpose(1, 2) @ h[-1]
             bar.advance(task, batch.numel())
     weight, bias = lstsq_translators(xtx, xty)
-    device = model.output.weight.device
+    device = model.device
     lenses = {layer: (weight[i].float().to(device), bias[i].float().to(device)) for i, layer in enumerate(wanted)}
     fit_seconds = time.perf_counter() - t0
     if refine_steps:
@@ -402,7 +403,7 @@ def train_heads(engine, data: list[str | Path], layers: tuple[int, ...], out: st
     run = {"layers": list(layers), "tokens": rows.numel(), "tokens_per_step": tokens_per_step, "lr": lr,
            "data": [Path(p).name for p in data],
            "data_sha256": hashlib.sha256(rows.numpy().tobytes()).hexdigest()}  # what a resumed run shares
-    head = model.output.weight.detach()
+    head = dense(model.output.weight, model.dtype).detach()
     weights = {j: head.float().clone().requires_grad_() for j in layers}
     opt = torch.optim.AdamW(list(weights.values()), lr=lr, weight_decay=0.0)
     start, losses = resume(state_path(out), run, weights, opt, model, steps)

@@ -5,7 +5,8 @@ once for this CPU, cached in torch's extensions dir (TORCH_EXTENSIONS_DIR, else 
 - `contrast.amateur_logits_at` calls `torch.ops.lcdfast.masked_logits` (the masked contrast op, §4.3) instead of
   its torch reference; the CUDA kernel is built only with a CUDA torch and nvcc;
 - `model.linear` on CPU calls `torch.ops.lcdfast.skinny_linear` for products of up to SKINNY_ROWS rows (decode
-  steps, DoLa's stacked exit heads) instead of BLAS or inductor's reduction (compiled single rows stay there);
+  steps, DoLa's stacked exit heads) instead of BLAS or inductor's reduction (compiled single rows stay there), and
+  `torch.ops.lcdfast.quant_linear` for those of quantized weights (quant.py), compiled single rows included;
 - `contrast.js_divergence` on CPU calls `torch.ops.lcdfast.js_divergence` (DoLa's layer selection in two passes).
 Any failure (no compiler, no ninja, a build error) says so in one line on stderr and leaves the torch path in use;
 nothing here raises. Building needs ninja (`pip install ninja`, in the dev and csrc extras).
@@ -63,7 +64,8 @@ def _build() -> frozenset[str]:
     bin_dir = os.path.dirname(sys.executable)  # where `pip install ninja` puts it, even if the venv isn't active
     if shutil.which("ninja") is None and shutil.which("ninja", path=bin_dir):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    sources = [str(CSRC / name) for name in ("masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp")]
+    sources = [str(CSRC / name) for name in ("masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp",
+                                                   "quant_linear.cpp")]
     # For this CPU (-march=native: skinny_linear's AVX2 path where it has AVX2, FMA and F16C; a cache dir shared
     # with an older CPU needs its own TORCH_EXTENSIONS_DIR); OpenMP for ATen's parallel_for.
     build = functools.partial(cpp_extension.load, name="lcdfast_csrc", extra_ldflags=["-fopenmp"],
@@ -82,6 +84,7 @@ def _build() -> frozenset[str]:
     torch.library.register_fake("lcdfast::masked_logits", _masked_logits_fake)
     torch.library.register_fake("lcdfast::skinny_linear", _skinny_linear_fake)
     torch.library.register_fake("lcdfast::js_divergence", _js_divergence_fake)
+    torch.library.register_fake("lcdfast::quant_linear", _quant_linear_fake)
     return frozenset(devices)
 
 
@@ -93,6 +96,11 @@ def _masked_logits_fake(hidden: Tensor, head: Tensor, ids: Tensor) -> Tensor:
 def _js_divergence_fake(final_logits: Tensor, layer_logits: Tensor) -> Tensor:
     """[B, V], [L, B, V] -> [L, B] float32."""
     return layer_logits.new_empty(layer_logits.shape[:2])
+
+
+def _quant_linear_fake(x: Tensor, q: Tensor, scale: Tensor, low: Tensor | None) -> Tensor:
+    """[M, K], codes [N, K or K/2], [N, K/G], [N, K/G] or None -> [M, N] in x's dtype."""
+    return x.new_empty((x.shape[0], q.shape[0]))
 
 
 def _skinny_linear_fake(x: Tensor, weight: Tensor) -> Tensor:

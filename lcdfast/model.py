@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import csrc_on
+from .quant import QuantWeight, dense, dequantize, weight_rows
 
 
 @dataclass
@@ -137,8 +138,8 @@ GEMV_ROWS = 12  # compiled CPU products with at most this many rows run as fused
 SKINNY_ROWS = 128  # CPU products with at most this many rows go to csrc's skinny_linear when it is built
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., in] times weight [out, in] transposed, plus bias: [..., out].
+def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
+    """x [..., in] times weight [out, in] transposed, plus bias: [..., out]. `weight` may be quantized (quant.py).
 
     Under torch.compile on CPU with few rows (decoding), the product is written as a reduction over `in` with
     the output laid out [out, M]: inductor turns it into one loop over the weight's rows that multiplies each
@@ -146,21 +147,29 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     bandwidth, where BLAS's gemv reaches about 60% of it (bench/: 15.5 vs 25.7 ms for SmolLM2's layers). More
     rows are one such reduction per row, which inductor fuses into the same loop, M accumulators side by side (one
     reduction over [out, M, in] keeps one accumulator and waits on add latency: SmolLM2's head for DoLa's 9 rows
-    14.0 -> 5.6 ms). csrc's skinny_linear (kernels.py), when built, blocks weight rows by input rows in registers
-    and takes the products of 2 to SKINNY_ROWS rows (and, eager, of one)."""
+    14.0 -> 5.6 ms). A quantized weight's dequantization is part of the reduction's expression, so it is fused
+    into the same loop and the weight is read as its codes. csrc's skinny_linear / quant_linear (kernels.py), when
+    built, block weight rows by input rows in registers and take the products of 2 to SKINNY_ROWS rows (and, eager
+    or quantized, of one). Otherwise a quantized weight is dequantized for the call (prefill, CUDA)."""
     rows, on_cpu = x.shape[:-1].numel(), x.device.type == "cpu"
+    quantized = isinstance(weight, QuantWeight)
     fused = on_cpu and torch.compiler.is_compiling() and rows <= GEMV_ROWS
-    if on_cpu and rows <= SKINNY_ROWS and not (fused and rows == 1) and csrc_on(x.device):
-        y = torch.ops.lcdfast.skinny_linear(x.reshape(rows, -1), weight)  # [M, out]
-    elif fused and rows == 1:  # the stacked form below, for one row, made a greedy step 10% slower (A/B)
-        x_rows = realized(x.reshape(1, 1, -1))  # else inductor recomputes x's producers per weight row
-        y = (weight[:, None, :] * x_rows).sum(-1).t().contiguous()  # [out, 1] -> [1, out]
-    elif fused:  # one reduction per input row, fused into one loop over the weight: M accumulators side by side
-        x_rows = realized(x.reshape(rows, -1))
-        y = torch.stack([(weight * x_rows[m]).sum(-1) for m in range(rows)])  # [M, out]
+    out = weight.shape[0]
+    if on_cpu and rows <= SKINNY_ROWS and (quantized or not (fused and rows == 1)) and csrc_on(x.device):
+        if quantized:
+            y = torch.ops.lcdfast.quant_linear(x.reshape(rows, -1), *weight)  # [M, out]
+        else:
+            y = torch.ops.lcdfast.skinny_linear(x.reshape(rows, -1), weight)
+    elif fused:
+        w = dequantize(weight, x.dtype) if quantized else weight  # an expression inductor fuses into the loop
+        x_rows = realized(x.reshape(rows, -1))  # else inductor recomputes x's producers per weight row
+        if rows == 1:  # the stacked form below, for one row, made a greedy step 10% slower (A/B)
+            y = (w[:, None, :] * x_rows[None]).sum(-1).t().contiguous()  # [out, 1] -> [1, out]
+        else:  # one reduction per input row, fused into one loop over the weight: M accumulators side by side
+            y = torch.stack([(w * x_rows[m]).sum(-1) for m in range(rows)])  # [M, out]
     else:
-        return F.linear(x, weight, bias)
-    y = y.reshape(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, dense(weight, x.dtype), bias)
+    y = y.reshape(*x.shape[:-1], out)
     return y if bias is None else y + bias
 
 
@@ -171,6 +180,24 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class QuantLinear(nn.Module):
+    """Linear with a quantized weight: its codes, scales and minimums as buffers; `weight` is their QuantWeight."""
+
+    def __init__(self, weight: QuantWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("q", weight.q)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("low", weight.low)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def weight(self) -> QuantWeight:
+        return QuantWeight(self.q, self.scale, self.low)
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
@@ -259,6 +286,21 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg, cfg.dim) if cfg.final_norm else nn.Identity()
         self.output = Linear(cfg.embed_dim, cfg.vocab_size)  # [V, E]: also the tied embedding table
         self.max_batch = self.max_seq_len = -1
+        self.quantization = ""  # the weights' quantization, set by the loader: "int8", "int4:32", "gguf", ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the norms' weights are never quantized)."""
+        return self.layers[0].attention_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].attention_norm.weight.device
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as held (quantized codes and scales included, the KV cache not)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         """Allocate the static KV cache [B, K, S, D] per layer and the rotary table, once."""
@@ -268,7 +310,7 @@ class Transformer(nn.Module):
         if (max_batch, max_seq_len) == (self.max_batch, self.max_seq_len):
             return
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        dtype, device = self.output.weight.dtype, self.output.weight.device
+        dtype, device = self.dtype, self.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
         if cfg.positions == "rotary":
@@ -291,7 +333,8 @@ class Transformer(nn.Module):
         """
         positions = slots[None, :] - pad[:, None]  # [B, T], row-relative; negative on padding
         mask = self.attention_mask(slots, pad, span)
-        x = self.output.weight[tokens] if self.tok_embeddings is None else self.tok_embeddings(tokens)  # [B, T, E]
+        table = self.output if self.tok_embeddings is None else self.tok_embeddings  # tied: the head's rows
+        x = weight_rows(table.weight, tokens, self.dtype)  # [B, T, E]; quantized rows dequantized alone
         if self.project_in is not None:
             x = self.project_in(x)  # [B, T, C]
         rope = None

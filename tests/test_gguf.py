@@ -215,7 +215,10 @@ def write_gguf(path: Path, arch: str = "llama", tok_model: str = "gpt2", tensors
         w.add_add_bos_token(True)
         w.add_chat_template(json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"])
     for name, t in (tensors or {"token_embd.weight": np.zeros((4, 2), np.float32)}).items():
-        w.add_tensor(name, t)
+        if isinstance(t, tuple):  # (quantized bytes, their GGMLQuantizationType)
+            w.add_tensor(name, t[0], raw_dtype=t[1])
+        else:
+            w.add_tensor(name, t)
     return finish_gguf(w, path)
 
 
@@ -615,13 +618,17 @@ def test_damaged_cache_is_rebuilt(tiny_home, capfd, damage):
 
 
 def test_cache_from_before_file_sizes_is_kept(tiny_home, capfd):
-    """A marker without the file sizes (written before they were recorded) is complete if every file is there."""
+    """A marker without the file sizes (written before they were recorded) is complete if every file is there; one
+    from before the GGUF's blocks were kept is converted again."""
     out = convert.default_model_dir()
-    (out / convert.MARKER).write_text(json.dumps({"source": "x", "bytes": 1}))
+    (out / convert.MARKER).write_text(json.dumps({"source": "x", "bytes": 1, "blocks": False}))
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     capfd.readouterr()
     assert convert.default_model_dir() == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert capfd.readouterr() == ("", "")
+    (out / convert.MARKER).write_text(json.dumps({"source": "x", "bytes": 1}))
+    assert convert.default_model_dir() == out and convert.cache_problem(out, blocks=True) is None
+    assert "older lcdfast" in capfd.readouterr().err
 
 
 def test_damaged_cache_that_cannot_be_moved_names_the_fix(tiny_home, monkeypatch):
