@@ -5,10 +5,12 @@
 //   chunk of 32 columns byte j holds column j in its low nibble and column j + 16 in its high one (GGUF's Q4 order).
 //
 // Decoding reads every weight once per token, so the codes are what streams from memory: each chunk of 32 codes of a
-// weight row is loaded once, widened to float32 and dequantized in registers with its group's scale (and minimum),
-// then multiplied by the same 32 columns of every input row, kTile x kRows outputs at a time in independent vector
-// accumulators (4 x 1 for one row: 4 accumulators, 4 decoded vectors; else 2 x 4: 8 and 4, within AVX2's 16). The products equal those of the dequantized float weights up to the order of
-// the float32 sums. AVX2 where the CPU has it (kernels.py builds with -march=native), else plain C++.
+// weight row is loaded once and widened to float32 in registers, multiplied by the same 32 columns of every input
+// row and summed, and that sum scaled by the chunk's group scale into the row's accumulator (once per chunk, not per
+// weight; with one scale per row, once at the end); the minimums add low times the chunk's sum of x, computed once
+// per call. kTile x kRows outputs at a time in independent accumulators (4 x 1 for one input row, else 2 x 4). The
+// result equals the product with the dequantized weights up to the order of the float32 sums. AVX-512 or AVX2 where
+// the CPU has them (kernels.py builds with -march=native), else plain C++.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,146 +19,189 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 
 #include "simd.h"
 
 namespace {
 
-using namespace lcdfast::simd;
-
 constexpr int64_t kChunk = 32;  // columns per step: 32 int8 codes or 16 bytes of 4-bit codes
 
-// One weight row's 32 codes at column chunk c, dequantized: out[0..31] as four 8-lane vectors (kLanes 8), or
-// written to a float buffer on the portable path.
-template <bool kFour>
-inline void decode_chunk(const uint8_t* row, int64_t c, float scale, float low, vec (&out)[kChunk / kLanes]) {
+// The lanes: 16 float32 with AVX-512 (F, BW), else simd.h's (8 with AVX2, else 1).
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+using vec = __m512;
+constexpr int kLanes = 16;
+inline vec splat(float a) { return _mm512_set1_ps(a); }
+inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline float hsum(vec a) { return _mm512_reduce_add_ps(a); }
+#else
+using lcdfast::simd::fma, lcdfast::simd::hsum, lcdfast::simd::kLanes, lcdfast::simd::load, lcdfast::simd::splat,
+    lcdfast::simd::vec;
 #if defined(LCDFAST_AVX2)
-  __m256 v[4];
+inline vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+#else
+inline vec mul(vec a, vec b) { return a * b; }
+#endif
+#endif
+constexpr int kVecs = kChunk / kLanes;  // vectors per chunk
+
+// A scale as float32: float16 through F16C's one instruction where the CPU has it (c10::Half's own conversion is
+// a dozen integer operations).
+inline float to_float(float a) { return a; }
+inline float to_float(c10::Half a) {
+#if defined(__F16C__)
+  return _cvtsh_ss(a.x);
+#else
+  return static_cast<float>(a);
+#endif
+}
+
+// One code as float32 (the portable path, and the columns past the last whole chunk: int8, one scale per row).
+template <bool kFour>
+inline float code_at(const uint8_t* row, int64_t e) {
+  if constexpr (kFour) {
+    const uint8_t byte = row[(e / kChunk) * 16 + (e % 16)];
+    return float((e % kChunk) < 16 ? byte & 15 : byte >> 4);
+  }
+  return float(reinterpret_cast<const int8_t*>(row)[e]);
+}
+
+// One weight row's 32 codes at column chunk c, as float32 vectors.
+template <bool kFour>
+inline void codes_chunk(const uint8_t* row, int64_t c, vec (&out)[kVecs]) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (kFour) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16));
+    const __m128i nibble = _mm_set1_epi8(15);
+    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, nibble)));  // columns 0..15
+    out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)));  // 16..31
+  } else {
+    const __m128i* codes = reinterpret_cast<const __m128i*>(row + c * kChunk);
+    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes)));
+    out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes + 1)));
+  }
+#elif defined(LCDFAST_AVX2)
   if constexpr (kFour) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16));
     const __m128i nibble = _mm_set1_epi8(15);
     const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-    const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(low);
-    for (int i = 0; i < 4; ++i) out[i] = _mm256_fmadd_ps(v[i], s, m);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
   } else {
     const int8_t* codes = reinterpret_cast<const int8_t*>(row) + c * kChunk;
-    const __m256 s = _mm256_set1_ps(scale);
     for (int i = 0; i < 4; ++i) {
-      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * i));
-      out[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s);
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * i));  // 8 codes
+      out[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
     }
   }
 #else
-  for (int64_t j = 0; j < kChunk; ++j) {
-    float code;
-    if constexpr (kFour) {
-      const uint8_t byte = row[c * 16 + (j & 15)];
-      code = float(j < 16 ? byte & 15 : byte >> 4);
-    } else {
-      code = float(reinterpret_cast<const int8_t*>(row)[c * kChunk + j]);
-    }
-    out[j] = code * scale + low;
-  }
+  for (int64_t j = 0; j < kChunk; ++j) out[j] = code_at<kFour>(row, c * kChunk + j);
 #endif
 }
 
-// One scalar weight (the columns past the last whole chunk: int8 with one scale per row only).
-template <bool kFour>
-inline float weight_at(const uint8_t* row, int64_t e, float scale, float low) {
-  if constexpr (kFour) {
-    const uint8_t byte = row[(e / kChunk) * 16 + (e % 16)];
-    return float((e % kChunk) < 16 ? byte & 15 : byte >> 4) * scale + low;
-  } else {
-    return float(reinterpret_cast<const int8_t*>(row)[e]) * scale;
-  }
-}
-
-struct Weights {
+template <typename scale_t>
+struct Job {
   const uint8_t* q;
   int64_t row_bytes;  // K (int8) or K / 2 (4-bit)
   int64_t groups;     // K / G
   int64_t group;      // G
+  const scale_t* scales;
+  const scale_t* lows;  // nullptr: symmetric codes
+  const float* x;       // [M, K]
+  const float* xsums;   // [M, K / 32]: each chunk's sum of x (when lows)
+  float* out;           // [M, N]
+  int64_t M, N, K;
 };
 
-// sums[n][m] = w[n0 + n] . x[m] for kTile weight rows and MR input rows (float32, stride K).
-template <int kTile, int kRows, int MR, bool kFour, typename scale_t>
-void block(const Weights& w, const scale_t* scales, const scale_t* lows, int64_t n0, const float* x, int64_t K,
-           float (&sums)[kTile][kRows]) {
+// sums[n][m] = w[n0 + n] . x[m0 + m] for kTile weight rows and MR input rows.
+template <int kTile, int kRows, int MR, bool kFour, bool kPerRow, typename scale_t>
+void block(const Job<scale_t>& job, int64_t n0, int64_t m0, float (&sums)[kTile][kRows]) {
+  const int64_t K = job.K, chunks = K / kChunk;
+  const float* x = job.x + m0 * K;
   vec acc[kTile][MR];
+  float low_sums[kTile][MR] = {};
   for (int n = 0; n < kTile; ++n)
     for (int m = 0; m < MR; ++m) acc[n][m] = splat(0.f);
-  const int64_t chunks = K / kChunk;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t g = c * kChunk / w.group;
-    for (int n = 0; n < kTile; ++n) {  // one row's chunk decoded (4 vectors), then used by every input row
-      const int64_t at = (n0 + n) * w.groups + g;
-      vec wv[kChunk / kLanes];
-      decode_chunk<kFour>(w.q + (n0 + n) * w.row_bytes, c, float(scales[at]), lows ? float(lows[at]) : 0.f, wv);
-      for (int m = 0; m < MR; ++m)
-        for (int i = 0; i < kChunk / kLanes; ++i)
-          acc[n][m] = fma(wv[i], load(x + m * K + c * kChunk + i * kLanes), acc[n][m]);
+  const int64_t group_chunks = kPerRow ? chunks + 1 : job.group / kChunk;
+  for (int64_t c = 0, g = 0, left = group_chunks; c < chunks; ++c) {  // g: c's group (no division in the loop)
+    if (left-- == 0) {
+      ++g;
+      left = group_chunks - 1;
+    }
+    for (int n = 0; n < kTile; ++n) {  // one row's chunk widened, then used by every input row
+      const int64_t at = (n0 + n) * job.groups + g;
+      vec codes[kVecs];
+      codes_chunk<kFour>(job.q + (n0 + n) * job.row_bytes, c, codes);
+      if constexpr (kPerRow) {
+        for (int m = 0; m < MR; ++m)
+          for (int i = 0; i < kVecs; ++i)
+            acc[n][m] = fma(codes[i], load(x + m * K + c * kChunk + i * kLanes), acc[n][m]);
+      } else {
+        const vec scale = splat(to_float(job.scales[at]));
+        for (int m = 0; m < MR; ++m) {
+          const float* xc = x + m * K + c * kChunk;
+          vec part = mul(codes[0], load(xc));
+          for (int i = 1; i < kVecs; ++i) part = fma(codes[i], load(xc + i * kLanes), part);
+          acc[n][m] = fma(part, scale, acc[n][m]);
+        }
+      }
+      if (job.lows) {
+        const float low = to_float(job.lows[at]);
+        for (int m = 0; m < MR; ++m) low_sums[n][m] += low * job.xsums[(m0 + m) * chunks + c];
+      }
     }
   }
   for (int n = 0; n < kTile; ++n)
     for (int m = 0; m < MR; ++m) {
       float sum = hsum(acc[n][m]);
-      for (int64_t e = chunks * kChunk; e < K; ++e) {
-        const int64_t at = (n0 + n) * w.groups + e / w.group;
-        sum += weight_at<kFour>(w.q + (n0 + n) * w.row_bytes, e, float(scales[at]), lows ? float(lows[at]) : 0.f) *
-               x[m * K + e];
-      }
-      sums[n][m] = sum;
+      for (int64_t e = chunks * kChunk; e < K; ++e)
+        sum += code_at<kFour>(job.q + (n0 + n) * job.row_bytes, e) * x[m * K + e];
+      if constexpr (kPerRow) sum *= to_float(job.scales[(n0 + n) * job.groups]);
+      sums[n][m] = sum + low_sums[n][m];
     }
 }
 
-template <int kTile, int kRows, bool kFour, typename scale_t>
-void any_block(int mr, const Weights& w, const scale_t* scales, const scale_t* lows, int64_t n0, const float* x,
-               int64_t K, float (&sums)[kTile][kRows]) {
-  static_assert(kRows <= 4, "one case per row count");
-  switch (mr) {
-    case 1: return block<kTile, kRows, 1, kFour>(w, scales, lows, n0, x, K, sums);
-    case 2: if constexpr (kRows >= 2) return block<kTile, kRows, 2, kFour>(w, scales, lows, n0, x, K, sums);
-    case 3: if constexpr (kRows >= 3) return block<kTile, kRows, 3, kFour>(w, scales, lows, n0, x, K, sums);
-    case 4: if constexpr (kRows >= 4) return block<kTile, kRows, 4, kFour>(w, scales, lows, n0, x, K, sums);
+template <int kTile, int kRows, bool kFour, bool kPerRow, typename scale_t>
+void rows_from(const Job<scale_t>& job, int64_t n0) {
+  float sums[kTile][kRows];
+  for (int64_t m0 = 0; m0 < job.M; m0 += kRows) {
+    const int mr = int(std::min<int64_t>(kRows, job.M - m0));
+    switch (mr) {
+      case 1: block<kTile, kRows, 1, kFour, kPerRow>(job, n0, m0, sums); break;
+      case 2: if constexpr (kRows >= 2) block<kTile, kRows, 2, kFour, kPerRow>(job, n0, m0, sums); break;
+      case 3: if constexpr (kRows >= 3) block<kTile, kRows, 3, kFour, kPerRow>(job, n0, m0, sums); break;
+      case 4: if constexpr (kRows >= 4) block<kTile, kRows, 4, kFour, kPerRow>(job, n0, m0, sums); break;
+    }
+    for (int n = 0; n < kTile; ++n)
+      for (int m = 0; m < mr; ++m) job.out[(m0 + m) * job.N + n0 + n] = sums[n][m];
   }
 }
 
-template <int kTile, int kRows, bool kFour, typename scale_t>
-void tiled(const Weights& w, const scale_t* scales, const scale_t* lows, const float* x, float* out, int64_t M,
-           int64_t N, int64_t K) {
-  auto rows = [&](int64_t n0, auto tile) {  // kTile weight rows from n0 (or one, for the rows past the last tile)
-    constexpr int T = decltype(tile)::value;
-    float sums[T][kRows];
-    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-      const int mr = int(std::min<int64_t>(kRows, M - m0));
-      any_block<T, kRows, kFour>(mr, w, scales, lows, n0, x + m0 * K, K, sums);
-      for (int n = 0; n < T; ++n)
-        for (int m = 0; m < mr; ++m) out[(m0 + m) * N + n0 + n] = sums[n][m];
-    }
-  };
-  const int64_t tiles = N / kTile;
-  at::parallel_for(0, tiles + (N % kTile ? 1 : 0), 8, [&](int64_t begin, int64_t end) {
+template <int kTile, int kRows, bool kFour, bool kPerRow, typename scale_t>
+void tiled(const Job<scale_t>& job) {
+  const int64_t tiles = job.N / kTile;
+  at::parallel_for(0, tiles + (job.N % kTile ? 1 : 0), 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (t < tiles) {
-        rows(t * kTile, std::integral_constant<int, kTile>{});
-      } else {
-        for (int64_t n = tiles * kTile; n < N; ++n) rows(n, std::integral_constant<int, 1>{});
+        rows_from<kTile, kRows, kFour, kPerRow>(job, t * kTile);
+      } else {  // the rows past the last whole tile, one at a time
+        for (int64_t n = tiles * kTile; n < job.N; ++n) rows_from<1, kRows, kFour, kPerRow>(job, n);
       }
     }
   });
 }
 
 template <bool kFour, typename scale_t>
-void products(const Weights& w, const scale_t* scales, const scale_t* lows, const float* x, float* out, int64_t M,
-              int64_t N, int64_t K) {
-  if (M == 1)
-    tiled<4, 1, kFour>(w, scales, lows, x, out, M, N, K);
+void products(const Job<scale_t>& job) {
+  const bool per_row = job.groups == 1;
+  if (job.M == 1)
+    per_row ? tiled<4, 1, kFour, true>(job) : tiled<4, 1, kFour, false>(job);
   else
-    tiled<2, 4, kFour>(w, scales, lows, x, out, M, N, K);
+    per_row ? tiled<2, 4, kFour, true>(job) : tiled<2, 4, kFour, false>(job);
 }
 
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
@@ -184,18 +229,20 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::
   const at::Tensor lc = low ? low->contiguous() : at::Tensor();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.to(x.scalar_type());
-  const Weights w{reinterpret_cast<const uint8_t*>(qc.const_data_ptr()), qc.size(1), sc.size(1), G};
-  const float* xp = xf.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  if (sc.scalar_type() == at::kHalf) {
-    const c10::Half* lows = low ? lc.const_data_ptr<c10::Half>() : nullptr;
-    four ? products<true>(w, sc.const_data_ptr<c10::Half>(), lows, xp, op, M, N, K)
-         : products<false>(w, sc.const_data_ptr<c10::Half>(), lows, xp, op, M, N, K);
-  } else {
-    const float* lows = low ? lc.const_data_ptr<float>() : nullptr;
-    four ? products<true>(w, sc.const_data_ptr<float>(), lows, xp, op, M, N, K)
-         : products<false>(w, sc.const_data_ptr<float>(), lows, xp, op, M, N, K);
-  }
+  // each chunk's sum of x, for the minimums' term ([M, K / 32]; 4-bit codes always have whole chunks)
+  const at::Tensor xsums = low ? xf.view({M, K / kChunk, kChunk}).sum(-1).contiguous() : at::Tensor();
+  auto run = [&](auto tag) {
+    using scale_t = decltype(tag);
+    const Job<scale_t> job{reinterpret_cast<const uint8_t*>(qc.const_data_ptr()), qc.size(1), sc.size(1), G,
+                           sc.const_data_ptr<scale_t>(), low ? lc.const_data_ptr<scale_t>() : nullptr,
+                           xf.const_data_ptr<float>(), low ? xsums.const_data_ptr<float>() : nullptr,
+                           out.data_ptr<float>(), M, N, K};
+    four ? products<true>(job) : products<false>(job);
+  };
+  if (sc.scalar_type() == at::kHalf)
+    run(c10::Half{});
+  else
+    run(float{});
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 

@@ -264,7 +264,7 @@ assert not any(hasattr(torch.ops.lcdfast, op) for op in ("masked_logits", "skinn
 def test_failed_build_says_why_once(tmp_path):
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "masked_contrast.cpp").write_text("this is not C++;\n")
-    for name in ("skinny_linear.cpp", "js_divergence.cpp", "simd.h"):
+    for name in ("skinny_linear.cpp", "js_divergence.cpp", "quant_linear.cpp", "simd.h"):
         (tmp_path / "csrc" / name).write_text((ROOT / "csrc" / name).read_text())
     code = f"""
 from pathlib import Path
@@ -295,8 +295,8 @@ def load(sources, **kwargs):
     return real_load(sources=sources, **kwargs)
 cpp_extension.load, cpp_extension.CUDA_HOME, torch.cuda.is_available = load, {str(tmp_path)!r}, lambda: True
 assert kernels.enable() and kernels._devices == {{"cpu"}}, kernels._devices
-assert built == [["masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp", "masked_contrast_cuda.cu"],
-                 ["masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp"]], built
+cpu = ["masked_contrast.cpp", "skinny_linear.cpp", "js_divergence.cpp", "quant_linear.cpp"]
+assert built == [cpu + ["masked_contrast_cuda.cu"], cpu], built
 assert kernels.csrc_on(torch.device("cpu")) and not kernels.csrc_on(torch.device("cuda"))
 """
     env = {k: v for k, v in os.environ.items() if k != "LCDFAST_CSRC"}
