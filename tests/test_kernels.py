@@ -212,10 +212,11 @@ def test_js_divergence_edges_threads_and_bad_input(op):
         torch.ops.lcdfast.js_divergence(final.double(), layers.double())
 
 
-@pytest.mark.parametrize("name", ["greedy", "dola"])
-def test_decode_with_skinny_linear(op, name, tiny_dir):
-    """With the ops on: compiled equals eager token for token, and both pick what the torch path picks."""
-    model = load_model(tiny_dir("llama-untied")[0])
+@pytest.mark.parametrize("name,quantize", [("greedy", None), ("dola", None), ("greedy", "int4"), ("dola", "int8")])
+def test_decode_with_skinny_linear(op, name, quantize, tiny_dir):
+    """With the ops on: compiled equals eager token for token, and both pick what the torch path picks (for
+    quantized weights: csrc's quant_linear against the dequantized products)."""
+    model = load_model(tiny_dir("llama-untied")[0], quantize=quantize)
     dc = DecodeConfig() if name == "greedy" else DecodeConfig(method="dola", exit_layers=(0, 2, 4), exit_norm=False)
     prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9)]
     eager, _, _, _ = generate_ids(model, prompts, dc, 24, [], seed=3)
