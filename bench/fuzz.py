@@ -4,10 +4,11 @@ worker process. Every case must end in finite output or one clean LcdError line.
 Corpora: `gguf-meta` (a tiny LLaMA GGUF with F32/F16/Q8_0 tensors and a BPE vocabulary, written with the `gguf`
 package with one metadata value or tensor changed), `gguf-bytes` (that file with a header field, bytes or its length
 damaged), `safetensors` (a tiny transformers LLaMA, GPT-2 or OPT checkpoint, its header or one tensor changed),
-`config` (config.json values), `tokenizer` (tokenizer_config, generation_config, tokenizer.json, chat_template.jinja)
-and `heads` (an exit-heads file). The worker converts the GGUF, loads the model (lcdfast.load), reads every layer's
-logits, generates three tokens greedy and with ACD for two prompts (padding too), scores a continuation with ACD
-and, if there is a chat template, generates from it.
+`config` (config.json values), `tokenizer` (tokenizer_config, generation_config, tokenizer.json, chat_template.jinja),
+`heads` (an exit-heads file) and `codes` (a quantized checkpoint from `lcdfast quantize`: LLaMA int4, GPT-2 int8:32,
+OPT int8; its quantized.safetensors or quantized.json changed). The worker converts the GGUF, loads the model
+(lcdfast.load), reads every layer's logits, generates three tokens greedy and with ACD for two prompts (padding too),
+scores a continuation with ACD and, if there is a chat template, generates from it.
 
 Outcomes: ok, error (one LcdError line) and the bad ones: traceback (any other exception, or an empty or
 multi-line message), garbage (non-finite logits or scores, a token outside the vocabulary), hang (past --timeout;
@@ -36,7 +37,8 @@ from collections import Counter
 from pathlib import Path
 
 BAD = ("traceback", "garbage", "hang", "memory", "crash", "wrote")
-CORPORA = {"gguf-meta": 20, "gguf-bytes": 20, "safetensors": 20, "config": 25, "tokenizer": 8, "heads": 7}
+CORPORA = {"gguf-meta": 20, "gguf-bytes": 20, "safetensors": 20, "config": 25, "tokenizer": 8, "heads": 7,
+           "codes": 10}
 MEMORY = 4 << 30  # the worker's address space
 PROMPTS = ["The quick brown fox", "Layers improve gradually, layer by layer."]
 TEXT = ("The quick brown fox jumps over the lazy dog. Layers improve gradually, layer by layer. Contrastive "
@@ -137,7 +139,7 @@ def build_seeds(root: Path) -> dict:
     import torch
     import transformers
 
-    from lcdfast.checkpoint import load_model
+    from lcdfast.checkpoint import load_model, quantize_checkpoint
     from lcdfast.heads import save_exit_heads
 
     logging.getLogger("gguf").setLevel(logging.ERROR)
@@ -168,7 +170,10 @@ def build_seeds(root: Path) -> dict:
     E = model.config.dim
     heads = {"lens": {"lens.1.weight": torch.eye(E), "lens.1.bias": torch.zeros(E)},
              "heads": {"lm_head_1.weight": torch.randn(V, E) * 0.02}}
+    codes = {name: quantize_checkpoint(dirs[name], root / f"{name}-{mode}", mode)
+             for name, mode in (("llama", "int4"), ("gpt2", "int8:32"), ("opt", "int8"))}
     return {"kv": kv, "tensors": tensors, "gguf": write_gguf(root / "model.gguf", kv, tensors), "dirs": dirs,
+            "codes": codes,
             "heads": [save_exit_heads(root / f"{kind}.safetensors", model, kind, t, {}) for kind, t in heads.items()]}
 
 
@@ -357,6 +362,8 @@ def mutate_safetensors(rng: random.Random, path: Path) -> str:
     if what == "dtype":
         t = t.to(rng.choice([torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.int8,
                              torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]))
+    elif what == "value" and not t.is_floating_point():  # codes: any byte is a code, the extremes included
+        t.view(-1)[rng.randrange(t.numel())] = rng.choice([0, 1, 127, -128 if t.dtype == torch.int8 else 255])
     elif what == "value":
         t.view(-1)[rng.randrange(t.numel())] = rng.choice([NAN, INF, -INF, 3e38, 1e30, -1e30, 7e4, 0.0])
     elif what == "reshape":
@@ -454,7 +461,12 @@ def make_case(rng: random.Random, seeds: dict, case_dir: Path, corpus: str | Non
         return corpus, mutate_gguf_bytes(rng, seeds, case_dir)
     family = "llama" if corpus == "heads" else rng.choice(sorted(seeds["dirs"]))
     model = case_dir / "model"
-    shutil.copytree(seeds["dirs"][family], model)
+    shutil.copytree(seeds["codes" if corpus == "codes" else "dirs"][family], model)
+    if corpus == "codes":
+        if rng.random() < 0.8:
+            return corpus, f"{family}: {mutate_safetensors(rng, model / 'quantized.safetensors')}"
+        values = lambda key: JSON_VALUES + ["lcdfast-quantized/1", "int4", "int8", "int4:64", "gguf", "int3", ""]
+        return corpus, f"{family}: {mutate_json(rng, model / 'quantized.json', ['format', 'mode', 'source'], values)}"
     if corpus == "heads":
         shutil.copy(rng.choice(seeds["heads"]), case_dir / "heads.safetensors")
         return corpus, mutate_safetensors(rng, case_dir / "heads.safetensors")

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = passages(Path(args.data), args.passages)
     results = {"model": args.model or "bundled SmolLM2-135M-Instruct", "data": args.data, "passages": len(texts),
                "modes": {}}
-    reference = None
+    reference, out = None, Path(args.out)
     for mode in ["float32", *args.modes.split(",")]:
         t0 = time.perf_counter()
         engine = lcdfast.load(args.model, quantize=None if mode == "float32" else mode, compile=False)
@@ -71,10 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         row["seconds"] = time.perf_counter() - t0
         results["modes"][mode] = row
         print(f"{mode}: {row}", file=sys.stderr, flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # after each mode: a cut run keeps them
         del engine
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"{len(texts)} Wikinews passages ({args.data}), top-1 agreement with float32 at every position of the "
              "first 256 tokens; perplexity after the first 8 words (scoring API)", "",
              "| weights | MB | top-1 agreement | perplexity | vs float32 |", "|---|---:|---:|---:|---:|"]
