@@ -27,6 +27,7 @@ from .generate import (
     score_ids,
 )
 from .heads import ExitHeads, load_exit_heads, shared_head_auto_layer
+from .kernels import csrc_on
 from .model import Transformer
 from .tokenizer import StreamDecoder, Tokenizer, releasable
 
@@ -136,7 +137,9 @@ class Engine:
         key = step_key(self.model_dir, weights, model.device.type, dc, batch, slots)
         if self.compile_mode == "off" or steps < 1:  # no decode step to compile
             return decode_step, key, False
-        if self.compile_mode == "auto" and key not in self.compiled_keys:
+        # quantized weights without csrc's products: an eager step dequantizes every weight, so always compile
+        eager_dequantizes = bool(model.quantization) and not csrc_on(model.device)
+        if self.compile_mode == "auto" and key not in self.compiled_keys and not eager_dequantizes:
             compile_s, saving_ms = expected_costs(self.timings.get(key), model.device.type, model.weight_bytes)
             if steps * saving_ms / 1000 <= compile_s:
                 self._say_once("eager", f"decoding eagerly: compiling the step would take ~{compile_s:.0f}s to save "

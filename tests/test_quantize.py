@@ -258,3 +258,17 @@ def test_gguf_blocks_read_back_natively_equal_ggufs_dequantization(tmp_path):
     want_ids, *_ = generate_ids(floats, [[5, 9, 17, 33]], dc, 16, [])
     got_ids, *_ = generate_ids(native, [[5, 9, 17, 33]], dc, 16, [])
     assert got_ids == want_ids, first_diff(got_ids[0], want_ids[0])
+
+
+def test_auto_compiles_a_quantized_step_without_csrc(tiny_dir):
+    """Eagerly, without csrc's products, a quantized step dequantizes every weight: `compile=None` compiles it even
+    for a few tokens, where a float step stays eager."""
+    import lcdfast
+    from lcdfast import kernels
+
+    if kernels.csrc_on(torch.device("cpu")):
+        pytest.skip("csrc is on: eager quantized steps are fast")
+    path = tiny_dir("llama-tied-gqa")[0]
+    quantized, floats = lcdfast.load(path, quantize="int8"), lcdfast.load(path)
+    assert quantized._plan_step(DecodeConfig(), 1, 256, 3)[0] == quantized._step
+    assert floats._plan_step(DecodeConfig(), 1, 256, 3)[0] is decode_step
