@@ -74,27 +74,26 @@ def truncated_amateur(model_dir: Path, n_layers: int, out_dir: Path) -> Path:
     return out_dir
 
 
+def best_seconds(op, runs: int = 10) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        op()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def copy_bandwidth() -> float:
     """Bytes per second moved by a large tensor copy (each byte counted once), best of 10."""
     src = torch.empty(64 * 2**20, dtype=torch.float32)  # 256 MiB
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return src.numel() * 4 / best
+    return src.numel() * 4 / best_seconds(lambda: dst.copy_(src))
 
 
 def read_bandwidth() -> float:
     """Bytes per second a streaming read reaches (a sum over 256 MiB: reads only, no writes), best of 10."""
     src = torch.ones(64 * 2**20, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        src.sum()
-        best = min(best, time.perf_counter() - t)
-    return src.numel() * 4 / best
+    return src.numel() * 4 / best_seconds(src.sum)
 
 
 def cpu_info() -> dict:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import quant
 from .errors import LcdError, flag, is_int, number, shown, whole
-from .model import Linear, ModelConfig, QuantLinear, Transformer
+from .model import ModelConfig, QuantLinear, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -424,8 +424,7 @@ def load_model(
         model = Transformer(cfg)
     expected = model.state_dict()
     expected.setdefault("tok_embeddings.weight", torch.empty(cfg.vocab_size, cfg.embed_dim, device="meta"))
-    linears = {name + ".weight" for name, m in model.named_modules() if isinstance(m, Linear | nn.Embedding)}
-    linears.discard("pos_embeddings.weight")  # learned positions are added, not a table worth its codes
+    linears = model.quantizable()
     state, quantized = {}, {}
     for ours, (keys, conv1d) in table.items():
         shape = tuple(expected[ours].shape)

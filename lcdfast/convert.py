@@ -31,7 +31,7 @@ import torch
 
 from .checkpoint import CODES, CODES_NOTE, llama_names, model_config, save_codes
 from .errors import LcdError, is_int
-from .model import Linear, Transformer
+from .model import ModelConfig, Transformer
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -359,17 +359,14 @@ def block_codes(t, path: Path, cfg: dict) -> dict[str, np.ndarray] | None:
     return out
 
 
-def kept_blocks(reader, path: Path, cfg: dict) -> dict[str, torch.Tensor]:
+def kept_blocks(reader, path: Path, cfg: dict, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The GGUF's Q8_0 / Q4_0 / Q4_1 linears as quantized weights in our names (checkpoint.CODES): a linear made of
-    several GGUF tensors (q, k, v; gate, up) only when all are blocks of one type."""
-    mcfg = model_config(cfg, f"{path} (as config.json)")
+    several GGUF tensors (q, k, v; gate, up) only when all are blocks of one type. `mcfg`: `cfg` as ModelConfig."""
     by_hf = {hf_name(t.name): t for t in reader.tensors}
     with torch.device("meta"):
-        linears = {n + ".weight" for n, m in Transformer(mcfg).named_modules() if isinstance(m, Linear)}
+        linears = Transformer(mcfg).quantizable()
     table = llama_names(mcfg)
     table["output.weight"] = (["lm_head.weight"] if not mcfg.tie_embeddings else ["embed_tokens.weight"], False)
-    if not mcfg.tie_embeddings:
-        linears.add("tok_embeddings.weight")
     out = {}
     for ours, (names, _) in table.items():
         parts = [by_hf.get("model." + n if not n.startswith("lm_head") else n) for n in names]
@@ -493,10 +490,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         raise LcdError(f"{out_dir}: output directory exists and is not empty")
     reader = _read(path)
     cfg = read_config(reader, path)
-    model_config(cfg, f"{path} (as config.json)")  # the checks every checkpoint's config.json gets
+    mcfg = model_config(cfg, f"{path} (as config.json)")  # the checks every checkpoint's config.json gets
     vocab = read_vocab(reader, path, cfg)
     tensors = read_tensors(reader, path, cfg, progress)
-    blocks = kept_blocks(reader, path, cfg)
+    blocks = kept_blocks(reader, path, cfg, mcfg)
     tok = build_tokenizer(vocab)
     files = {"config.json": cfg, "tokenizer_config.json": tokenizer_config(vocab, cfg),
              "generation_config.json": {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}

@@ -297,6 +297,12 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].attention_norm.weight.device
 
+    def quantizable(self) -> set[str]:
+        """Our names of the weights quantization turns into codes: every linear's (the head's included) and the
+        untied token embeddings; learned positions stay float."""
+        names = {name + ".weight" for name, m in self.named_modules() if isinstance(m, Linear)}
+        return names | ({"tok_embeddings.weight"} if self.tok_embeddings is not None else set())
+
     @property
     def weight_bytes(self) -> int:
         """Bytes of the weights as held (quantized codes and scales included, the KV cache not)."""

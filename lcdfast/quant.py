@@ -43,10 +43,6 @@ class QuantWeight(NamedTuple):
         return self.shape[1] // self.scale.shape[1]
 
     @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self if t is not None)
 
@@ -64,10 +60,9 @@ def parse_mode(mode: str, name: str = "quantize") -> tuple[int, int]:
 def quantize(w: Tensor, bits: int, group: int, name: str = "weight") -> QuantWeight:
     """A float weight [N, K] as codes and per-group scales (group 0: one per row), computed in float32."""
     N, K = w.shape
-    G = group or K
-    if K % G or (bits == 4 and K % CHUNK):
-        need = f"a multiple of {G}" if bits == 8 or G % CHUNK == 0 else f"a multiple of {G} and {CHUNK}"
-        raise LcdError(f"quantize: tensor '{name}' has {K} input columns, not {need} (group size {G})")
+    G = group or K  # 4-bit groups are multiples of CHUNK (GROUPS), so K % G == 0 packs whole chunks
+    if K % G:
+        raise LcdError(f"quantize: tensor '{name}' has {K} input columns, not a multiple of {G} (group size {G})")
     groups = w.float().reshape(N, K // G, G)
     if bits == 8:
         scale = groups.abs().amax(-1) / 127  # [N, K/G]
