@@ -119,7 +119,9 @@ class Engine:
 
     def _compiled(self, mode: str | None = None) -> Callable:
         if self.compiled_step is None:
-            use_cache_dir()
+            notice = use_cache_dir()
+            if notice:
+                self._say_once("cache", notice)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per config
             kwargs = {"mode": mode or ("reduce-overhead" if self.model.device.type == "cuda" else None)}
             self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **kwargs)

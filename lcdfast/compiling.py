@@ -32,10 +32,19 @@ def compile_home() -> Path:
     return lcdfast_home() / "compile"
 
 
-def use_cache_dir() -> None:
+def use_cache_dir() -> str | None:
     """inductor's on-disk caches (FX graphs, AOT autograd) in $LCDFAST_HOME/compile/inductor, unless the user chose
-    a TORCHINDUCTOR_CACHE_DIR. Call before the first compile: inductor fixes the directory when it first uses it."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_home() / "inductor"))
+    a TORCHINDUCTOR_CACHE_DIR. Call before the first compile: inductor fixes the directory when it first uses it.
+    Returns a notice when that directory can't be made (a file in its place): inductor then keeps its default."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return None
+    path = compile_home() / "inductor"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{path}: can't hold the compile caches ({e.strerror or e}); compiling with inductor's own"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return None
 
 
 def fx_cache_counts() -> tuple[int, int]:

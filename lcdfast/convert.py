@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CODES, CODES_NOTE, llama_names, model_config, save_codes
-from .errors import LcdError, is_int
+from .checkpoint import CODES, CODES_NOTE, EPS, FACTOR, THETA, llama_names, model_config, save_codes
+from .errors import LcdError, number, whole
 from .model import ModelConfig, Transformer
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -195,18 +195,11 @@ def _field(reader, path: Path, key: str, kind: str, default=LcdError):
 
 
 def _size(reader, path: Path, key: str, high: int = MAX_SIZE, default=LcdError) -> int:
-    value = _field(reader, path, key, "int", default)
-    if not (is_int(value) and 1 <= value <= high):
-        raise LcdError(f"{path}: {key} is {value!r}, expected an integer from 1 to {high}")
-    return value
+    return whole(f"{path}: {key}", _field(reader, path, key, "int", default), 1, high)
 
 
-def _real(reader, path: Path, key: str, above: float, at_most: float = math.inf, default=LcdError) -> float:
-    value = float(_field(reader, path, key, "float", default))
-    if not (math.isfinite(value) and above < value <= at_most):
-        high = "" if at_most == math.inf else f" and <= {at_most:g}"
-        raise LcdError(f"{path}: {key} is {value}, expected a finite number > {above:g}{high}")
-    return value
+def _real(reader, path: Path, key: str, bounds: tuple[float, float], default=LcdError) -> float:
+    return number(f"{path}: {key}", float(_field(reader, path, key, "float", default)), *bounds)
 
 
 def _token_id(reader, path: Path, key: str, n_tokens: int) -> int | None:
@@ -251,9 +244,7 @@ def read_config(reader, path: Path) -> dict:
     rope_scaling = None
     scaling = _field(reader, path, "llama.rope.scaling.type", "str", "none")
     if scaling == "linear":
-        factor = _real(reader, path, "llama.rope.scaling.factor", 0.0)
-        if factor < 1:  # positions / factor: 1e-300 would make every angle infinite
-            raise LcdError(f"{path}: llama.rope.scaling.factor is {factor}, expected a number >= 1")
+        factor = _real(reader, path, "llama.rope.scaling.factor", (1.0, FACTOR[1]))  # 1e-300: infinite angles
         rope_scaling = {"rope_type": "linear", "factor": factor}
     elif scaling != "none":
         raise LcdError(f"{path}: llama.rope.scaling.type is '{scaling}', only none or linear is supported")
@@ -273,8 +264,8 @@ def read_config(reader, path: Path) -> dict:
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
         "intermediate_size": size("feed_forward_length"), "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
-        "rms_norm_eps": _real(reader, path, "llama.attention.layer_norm_rms_epsilon", 0.0, 1.0),
-        "rope_theta": _real(reader, path, "llama.rope.freq_base", 1.0, default=10000.0),  # <= 1: no rotation
+        "rms_norm_eps": _real(reader, path, "llama.attention.layer_norm_rms_epsilon", EPS),
+        "rope_theta": _real(reader, path, "llama.rope.freq_base", THETA, default=10000.0),
         "rope_scaling": rope_scaling, "max_position_embeddings": size("context_length", high=MAX_CONTEXT),
         "vocab_size": vocab, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),

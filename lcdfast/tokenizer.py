@@ -7,17 +7,18 @@ time and size). A malformed file or value is an LcdError naming the file and key
 """
 
 import json
+import os
 import re
 import sys
 import time
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, wraps
 from pathlib import Path
 
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import LcdError, is_int, token_ids
+from .errors import LcdError, is_int, shown, token_ids
 
 TEMPLATE_SECONDS = 2.0  # a chat template renders in milliseconds; one still running after this is looping
 TEMPLATE_CHARS = 1_000_000  # longest rendered prompt, and longest string or list a template may build with * or **
@@ -85,10 +86,10 @@ def _chat_template(model_dir: Path, cfg: dict) -> tuple[str | None, str]:
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """transformers' chat-template sandbox, where `*` and `**` can't build huge strings, lists or numbers
-    (jinja2 already caps range() at 100000 items)."""
+    """transformers' chat-template sandbox, where no one operation can build a string or list over TEMPLATE_CHARS
+    (jinja2 already caps range() at MAX_RANGE items), and _bounded stops one that grows memory step by step."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def call_binop(self, context, operator: str, left, right):
         if operator == "**" and is_int(left) and is_int(right) and abs(left) > 1 and right > 4096:
@@ -97,21 +98,101 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             seq, n = (left, right) if isinstance(left, str | list | tuple) else (right, left)
             if isinstance(seq, str | list | tuple) and is_int(n) and len(seq) * n > TEMPLATE_CHARS:
                 raise SecurityError(f"a {type(seq).__name__} of {len(seq)} * {n} is too long")
+        if operator == "+" and isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
+            _fits("+", len(left) + len(right))
+        if operator == "%" and isinstance(left, str):
+            _check_arguments("%", right if isinstance(right, tuple) else (right,), left)
         return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
+        method = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
+        receiver = getattr(method, "__self__", None)
+        name = getattr(method, "__name__", "call")
+        if isinstance(receiver, str):
+            args = _checked(name, (receiver, *args), kwargs)[1:]
+        else:
+            args = _checked(name, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+MAX_ARGUMENT = 100_000  # the largest integer a template may pass a call or filter (a width, a count; = MAX_RANGE)
+WIDE = re.compile(r"\d{6,}")  # a field width of 6+ digits in a format string: a padding past MAX_ARGUMENT
+TEMPLATE_MEMORY = 256 << 20  # bytes a template may add to the process's memory (checked on each line it runs)
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _fits(name: str, length: int) -> None:
+    if length > TEMPLATE_CHARS:
+        raise SecurityError(f"{name} would build {length} items or characters (at most {TEMPLATE_CHARS})")
+
+
+def _check_arguments(name: str, values, format_string: str | None = None) -> None:
+    if any(is_int(v) and abs(v) > MAX_ARGUMENT for v in values):
+        raise SecurityError(f"{name}: an argument is over {MAX_ARGUMENT}")
+    if format_string is not None and WIDE.search(format_string):
+        raise SecurityError(f"{name}: a format width in {shown(format_string)} is over {MAX_ARGUMENT}")
+
+
+def _checked(name: str, args: tuple, kwargs: dict) -> tuple:
+    """`args` of a call or filter named `name`, or a SecurityError if its result could be over TEMPLATE_CHARS: an
+    integer argument (a width, a count) over MAX_ARGUMENT, a format width of 6+ digits, a join or a replace whose
+    result would be too long. A join's items come back as a list (a generator is read once, here)."""
+    strings = [i for i, v in enumerate(args) if isinstance(v, str)]
+    form = args[strings[0]] if name in ("format", "format_map", "do_format") and strings else None
+    _check_arguments(name, (*args, *kwargs.values()), form)
+    if name in ("join", "do_join") and len(args) >= 2:  # str.join(sep, items); the filter: join(items, sep)
+        sep, at = (args[0], 1) if name == "join" else (kwargs.get("d", args[2] if len(args) > 2 else ""), 1)
+        items = list(args[at])
+        _fits(name, sum(map(len, map(str, items))) + len(str(sep)) * max(len(items) - 1, 0))  # C loops: untraced
+        args = (*args[:at], items, *args[at + 1:])
+    elif name in ("replace", "do_replace") and len(strings) >= 3:  # s, old, new (after the filter's context)
+        text, old, new = (args[i] for i in strings[:3])
+        _fits(name, len(text) + (text.count(old) if old else len(text) + 1) * max(len(new) - len(old), 0))
+    return args
+
+
+def _guarded_filter(fn):
+    """A jinja2 filter behind _checked (its pass_context/pass_eval_context marking kept by wraps)."""
+
+    @wraps(fn)
+    def filter_(*args, **kwargs):
+        return fn(*_checked(fn.__name__, args, kwargs), **kwargs)
+
+    return filter_
 
 
 class TooSlow(Exception):
-    """A chat template still running after TEMPLATE_SECONDS."""
+    """A chat template still running after TEMPLATE_SECONDS, or past TEMPLATE_MEMORY."""
+
+
+def _memory_reader() -> tuple:
+    """(a function returning the process's resident memory in bytes, one closing what it reads): now, from Linux's
+    /proc through one open descriptor (about a microsecond), else its peak (the resource module), else 0."""
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        return (lambda: int(os.pread(fd, 64, 0).split()[1]) * PAGE), lambda: os.close(fd)
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return (lambda: 0), lambda: None
+    unit = 1 if sys.platform == "darwin" else 1024
+    return (lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit), lambda: None
 
 
 def _bounded(fn, *args, **kwargs):
-    """fn(*args, **kwargs), stopped with TooSlow after TEMPLATE_SECONDS: a trace function checks the clock on
-    each line of Python it runs (jinja2 compiles templates to Python, so a template's loops are lines too)."""
-    deadline = time.monotonic() + TEMPLATE_SECONDS
+    """fn(*args, **kwargs), stopped with TooSlow after TEMPLATE_SECONDS or once it has grown the process's
+    memory by TEMPLATE_MEMORY: a trace function checks on each line of Python it runs (jinja2 compiles templates
+    to Python, so a template's loops are lines too)."""
+    memory, close = _memory_reader()
+    deadline, most = time.monotonic() + TEMPLATE_SECONDS, memory() + TEMPLATE_MEMORY
 
     def tick(frame, event, arg):
         if time.monotonic() > deadline:
             raise TooSlow(f"still running after {TEMPLATE_SECONDS:g}s")
+        if event == "line" and memory() > most:
+            raise TooSlow(f"grew memory by over {TEMPLATE_MEMORY >> 20} MiB")
         return tick
 
     previous = sys.gettrace()
@@ -120,6 +201,7 @@ def _bounded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         sys.settrace(previous)
+        close()
 
 
 class Tokenizer:
@@ -265,6 +347,7 @@ class Tokenizer:
 
         env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.filters = {name: _guarded_filter(fn) for name, fn in env.filters.items()}
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
         return self._run_template(where, env.from_string, source), where
 

@@ -24,6 +24,9 @@ LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% e
 DEFAULT = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages[0].content }}"}]
 
 
+DOUBLING = "{% set ns = namespace(x='a') %}{% for i in range(45) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}"
+
+
 @pytest.mark.parametrize("change, needles", [
     ({"bos_token": 5}, ["tokenizer_config.json: bos_token 5", "must be a string"]),
     ({"pad_token": "\ud800"}, ["tokenizer_config.json: pad_token '\\ud800' is not valid Unicode"]),
@@ -35,7 +38,15 @@ DEFAULT = [{"name": "tool_use", "template": "T"}, {"name": "default", "template"
     ({"chat_template": [5]}, ["chat_template[0]"]),
     ({"chat_template": {"x": 1}}, ["chat_template", "must be a string"]),
     ({"chat_template": "{{ 1 / 0 }}"}, ["chat_template: the chat template failed", "ZeroDivisionError"]),
-    ({"chat_template": "{% for i in range(10**9) %}x{% endfor %}"}, ["chat_template", "Range too big"]),
+    ({"chat_template": "{% for i in range(10**9) %}x{% endfor %}"}, ["chat_template", "argument is over 100000"]),
+    ({"chat_template": DOUBLING}, ["chat_template", "grew memory by over 16 MiB"]),
+    ({"chat_template": "{{ 'a'|indent(10**10) }}"}, ["do_indent: an argument is over 100000"]),
+    ({"chat_template": "{{ 'a'.ljust(10**10) }}"}, ["ljust: an argument is over 100000"]),
+    ({"chat_template": "{{ '{:>10000000000}'.format(1) }}"}, ["format: a format width in"]),
+    ({"chat_template": "{{ '%10000000000s' % 'a' }}"}, ["%: a format width in"]),
+    ({"chat_template": "{{ range(100000)|join(',' * 100000) }}"}, ["do_join would build"]),
+    ({"chat_template": "{{ ('a' * 10**6).replace('a', 'bb') }}"}, ["replace would build 2000000"]),
+    ({"chat_template": "{{ ('a' * 900000) + ('b' * 900000) }}"}, ["+ would build 1800000"]),
     ({"chat_template": LOOP}, ["chat_template", "still running after 0.2s"]),
     ({"chat_template": "{{ 'x' * 10**9 }}"}, ["chat_template", "too long"]),
     ({"chat_template": "{{ 7 ** (10 ** 9) }}"}, ["chat_template", "too large"]),
@@ -46,6 +57,7 @@ DEFAULT = [{"name": "tool_use", "template": "T"}, {"name": "default", "template"
 ])
 def test_bad_tokenizer_files(change, needles, tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "TEMPLATE_SECONDS", 0.2)
+    monkeypatch.setattr(tokenizer, "TEMPLATE_MEMORY", 16 << 20)
     save_tiny_tokenizer(tmp_path)
     path = tmp_path / "tokenizer_config.json"
     cfg = {**json.loads(path.read_text()), **change}
