@@ -38,7 +38,7 @@ from pathlib import Path
 
 BAD = ("traceback", "garbage", "hang", "memory", "crash", "wrote")
 CORPORA = {"gguf-meta": 20, "gguf-bytes": 20, "safetensors": 20, "config": 25, "tokenizer": 8, "heads": 7,
-           "codes": 10}
+           "codes": 10, "sharded": 7, "sentencepiece": 5}
 MEMORY = 4 << 30  # the worker's address space
 PROMPTS = ["The quick brown fox", "Layers improve gradually, layer by layer."]
 TEXT = ("The quick brown fox jumps over the lazy dog. Layers improve gradually, layer by layer. Contrastive "
@@ -166,6 +166,16 @@ def build_seeds(root: Path) -> dict:
         (dirs[name] / "tokenizer_config.json").write_text(json.dumps({
             "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
             "chat_template": TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    sharded = root / "llama-sharded"  # the LLaMA in three shards and an index
+    transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"]).save_pretrained(
+        sharded, safe_serialization=True, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(dirs["llama"] / name, sharded / name)
+    sp = root / "llama-sentencepiece"  # the LLaMA with a sentencepiece tokenizer.model of the same 300 tokens
+    shutil.copytree(dirs["llama"], sp)
+    (sp / "tokenizer.json").unlink()
+    (sp / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "chat_template": TEMPLATE}))
+    train_sentencepiece(sp, V)
     model = load_model(dirs["llama"])
     E = model.config.dim
     heads = {"lens": {"lens.1.weight": torch.eye(E), "lens.1.bias": torch.zeros(E)},
@@ -173,8 +183,19 @@ def build_seeds(root: Path) -> dict:
     codes = {name: quantize_checkpoint(dirs[name], root / f"{name}-{mode}", mode)
              for name, mode in (("llama", "int4"), ("gpt2", "int8:32"), ("opt", "int8"))}
     return {"kv": kv, "tensors": tensors, "gguf": write_gguf(root / "model.gguf", kv, tensors), "dirs": dirs,
-            "codes": codes,
+            "codes": codes, "sharded": sharded, "sentencepiece": sp,
             "heads": [save_exit_heads(root / f"{kind}.safetensors", model, kind, t, {}) for kind, t in heads.items()]}
+
+
+def train_sentencepiece(model_dir: Path, vocab_size: int) -> None:
+    import sentencepiece as spm
+
+    corpus = model_dir / "corpus.txt"
+    corpus.write_text((TEXT + "\n") * 40)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(model_dir / "tokenizer"), minloglevel=2,
+                                   vocab_size=vocab_size, model_type="bpe", hard_vocab_limit=False)
+    for name in ("corpus.txt", "tokenizer.vocab"):
+        (model_dir / name).unlink()
 
 
 # ---- mutations: each writes one case and says what it changed ---------------------------------------------------
@@ -452,6 +473,52 @@ def mutate_tokenizer(rng: random.Random, model_dir: Path) -> str:
     return mutate_json(rng, path, keys[which], lambda key: TEMPLATES if key == "chat_template" else values)
 
 
+def mutate_sharded(rng: random.Random, model_dir: Path) -> str:
+    """The index of a sharded checkpoint changed (its weight map's file names, its shape), or one shard."""
+    path = model_dir / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    op = rng.choice(["name", "name", "map", "shard", "drop", "json"])
+    if op == "shard":
+        return mutate_safetensors(rng, model_dir / rng.choice(shards))
+    if op == "drop":
+        (model_dir / rng.choice(shards)).unlink()
+        return "a shard deleted"
+    if op == "json":
+        return mutate_json(rng, path, ["weight_map", "metadata"], lambda key: JSON_VALUES + [{}, {"x": "y"}])
+    if op == "map":
+        index["weight_map"] = rng.choice([{}, [], None, 5, "model.safetensors", {k: v for k, v in
+                                          list(index["weight_map"].items())[::2]}])
+    else:
+        key = rng.choice(sorted(index["weight_map"]))
+        index["weight_map"][key] = rng.choice(["missing.safetensors", "../llama/model.safetensors", "/etc/passwd",
+                                               "", ".", "config.json", "tokenizer.json", 5, None, [shards[0]],
+                                               shards[-1], f"./{shards[0]}", "\x00", "a" * 5000])
+    path.write_bytes(dump(index))
+    return f"index: {op} = {json.dumps(index['weight_map'])[:60] if op == 'map' else key}"
+
+
+def mutate_sentencepiece(rng: random.Random, model_dir: Path) -> str:
+    """tokenizer.model's bytes changed: cut, flipped, spliced with garbage, emptied, or another file in its place."""
+    path = model_dir / "tokenizer.model"
+    data = bytearray(path.read_bytes())
+    op = rng.choice(["cut", "flip", "flip", "splice", "empty", "other"])
+    if op == "cut":
+        data = data[:rng.randrange(len(data))]
+    elif op == "flip":
+        for _ in range(rng.choice([1, 2, 8, 64])):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif op == "splice":
+        at = rng.randrange(len(data))
+        data[at:at] = rng.choice([b"\xff" * 16, b"\x0a\xff\xff\xff\xff\x0f", b"\x00" * 64, rng.randbytes(32)])
+    elif op == "empty":
+        data = bytearray()
+    else:
+        data = bytearray((model_dir / rng.choice(["config.json", "model.safetensors"])).read_bytes())
+    path.write_bytes(bytes(data))
+    return f"tokenizer.model: {op} ({len(data)} bytes)"
+
+
 def make_case(rng: random.Random, seeds: dict, case_dir: Path, corpus: str | None = None) -> tuple[str, str]:
     """Write a case of `corpus` (default: drawn by CORPORA's weights) into case_dir; its corpus and mutation."""
     corpus = corpus or rng.choices(list(CORPORA), weights=list(CORPORA.values()))[0]
@@ -459,8 +526,11 @@ def make_case(rng: random.Random, seeds: dict, case_dir: Path, corpus: str | Non
         return corpus, mutate_gguf_meta(rng, seeds, case_dir)
     if corpus == "gguf-bytes":
         return corpus, mutate_gguf_bytes(rng, seeds, case_dir)
-    family = "llama" if corpus == "heads" else rng.choice(sorted(seeds["dirs"]))
     model = case_dir / "model"
+    if corpus in ("sharded", "sentencepiece"):
+        shutil.copytree(seeds[corpus], model)
+        return corpus, (mutate_sharded if corpus == "sharded" else mutate_sentencepiece)(rng, model)
+    family = "llama" if corpus == "heads" else rng.choice(sorted(seeds["dirs"]))
     shutil.copytree(seeds["codes" if corpus == "codes" else "dirs"][family], model)
     if corpus == "codes":
         if rng.random() < 0.8:

@@ -5,9 +5,11 @@ maps our parameter names onto the checkpoint's tensor names. Tensors are read me
 safetensors (never pickles), shape-checked, and assigned into a model built on the meta device.
 """
 
+import dataclasses
 import json
 import math
 import mmap
+import re
 import shutil
 from pathlib import Path
 
@@ -136,7 +138,7 @@ def rope_scaling(c: Checked) -> dict | None:
     return scaling
 
 
-def llama_config(c: Checked) -> ModelConfig:
+def llama_config(c: Checked, family: str = "llama") -> ModelConfig:
     act = c.hf.get("hidden_act", "silu")
     if act != "silu":
         raise LcdError(f"{c.path}: hidden_act {shown(act)} unsupported (expected silu)")
@@ -145,7 +147,7 @@ def llama_config(c: Checked) -> ModelConfig:
     # Mistral: a query sees only the last `sliding_window` positions (itself included); 0: all
     window = c.size("sliding_window", "attention_window", 0, low=0) if c.hf.get("model_type") == "mistral" else 0
     return ModelConfig(
-        family="llama", vocab_size=vocab, dim=dim, n_layers=c.size("num_hidden_layers", "n_layers"), n_heads=heads,
+        family=family, vocab_size=vocab, dim=dim, n_layers=c.size("num_hidden_layers", "n_layers"), n_heads=heads,
         n_kv_heads=c.size("num_key_value_heads", "n_kv_heads", heads),
         head_dim=c.size("head_dim", "head_dim", dim // heads), hidden_dim=c.size("intermediate_size", "hidden_dim"),
         norm="rmsnorm", norm_eps=c.number("rms_norm_eps", 1e-6, EPS), activation="silu", gated_mlp=True,
@@ -156,7 +158,19 @@ def llama_config(c: Checked) -> ModelConfig:
     )
 
 
-FAMILIES = {"gpt2": gpt2_config, "opt": opt_config, "llama": llama_config, "mistral": llama_config}
+def qwen_config(c: Checked) -> ModelConfig:
+    """Qwen2/2.5: LLaMA with biases on q, k and v (not on the output projection); Qwen3: no biases unless
+    attention_bias, an RMSNorm over each head's q and k, head_dim its own key."""
+    if c.flag("use_sliding_window", False):  # released Qwen2.5/Qwen3 checkpoints keep it off
+        raise LcdError(f"{c.path}: use_sliding_window=true unsupported (windowed layers past max_window_layers)")
+    qwen3 = c.hf.get("model_type") == "qwen3"
+    bias = c.flag("attention_bias", False) if qwen3 else True
+    return dataclasses.replace(llama_config(c, family="qwen3" if qwen3 else "qwen2"), attn_bias=bias,
+                               attn_out_bias=bias and qwen3, qk_norm=qwen3)
+
+
+FAMILIES = {"gpt2": gpt2_config, "opt": opt_config, "llama": llama_config, "mistral": llama_config,
+            "qwen2": qwen_config, "qwen3": qwen_config}
 
 
 def model_config(hf: dict, path: Path | str = "config.json") -> ModelConfig:
@@ -228,9 +242,12 @@ def llama_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
         names[ours + "attention_norm.weight"] = ([hf + "input_layernorm.weight"], False)
         names[ours + "ffn_norm.weight"] = ([hf + "post_attention_layernorm.weight"], False)
         for part in ("weight", "bias") if cfg.attn_bias else ("weight",):
-            qkv = [hf + f"self_attn.{p}_proj.{part}" for p in "qkv"]
-            names[ours + f"attention.wqkv.{part}"] = (qkv, False)
+            names[ours + f"attention.wqkv.{part}"] = ([hf + f"self_attn.{p}_proj.{part}" for p in "qkv"], False)
+        for part in ("weight", "bias") if cfg.attn_out_bias else ("weight",):
             names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.o_proj.{part}"], False)
+        if cfg.qk_norm:
+            names[ours + "attention.q_norm.weight"] = ([hf + "self_attn.q_norm.weight"], False)
+            names[ours + "attention.k_norm.weight"] = ([hf + "self_attn.k_norm.weight"], False)
         for part in ("weight", "bias") if cfg.mlp_bias else ("weight",):
             gate_up = [hf + f"mlp.gate_proj.{part}", hf + f"mlp.up_proj.{part}"]
             names[ours + f"feed_forward.w13.{part}"] = (gate_up, False)
@@ -240,8 +257,12 @@ def llama_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
 
 # Buffers some checkpoints carry that a model recomputes: GPT-2's causal masks, LLaMA's rotary frequencies.
 IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-NAME_TABLES = {"gpt2": gpt2_names, "opt": opt_names, "llama": llama_names}
-BODY_PREFIXES = {"gpt2": ("transformer.", ""), "opt": ("model.decoder.", "decoder.", ""), "llama": ("model.", "")}
+NAME_TABLES = {"gpt2": gpt2_names, "opt": opt_names, "llama": llama_names, "qwen2": llama_names, "qwen3": llama_names}
+BODY_PREFIXES = {"gpt2": ("transformer.", ""), "opt": ("model.decoder.", "decoder.", ""), "llama": ("model.", ""),
+                 "qwen2": ("model.", ""), "qwen3": ("model.", "")}
+
+
+SHARD_NAME = re.compile(r"[^/\\\x00]{1,240}\.safetensors")  # a file name in the checkpoint's directory, not a path
 
 
 def open_safetensors(model_dir: Path) -> dict[str, tuple[Path, object]]:
@@ -252,6 +273,10 @@ def open_safetensors(model_dir: Path) -> dict[str, tuple[Path, object]]:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise LcdError(f"{index_path}: 'weight_map' must map tensor names to file names")
         files = sorted(set(weight_map.values()))
+        bad = next((f for f in files if not SHARD_NAME.fullmatch(f)), None)
+        if bad is not None:  # a path would read outside the checkpoint: /etc/passwd, ../other/model.safetensors
+            raise LcdError(f"{index_path}: shard {shown(bad)} is not a .safetensors file name in the checkpoint's "
+                           "directory")
     elif (model_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -266,6 +291,8 @@ def open_safetensors(model_dir: Path) -> dict[str, tuple[Path, object]]:
         try:
             handle = safe_open(str(path), framework="pt")
             for key in handle.keys():
+                if key in tensors:
+                    raise LcdError(f"{path}: tensor '{key}' is also in {tensors[key][0].name}")
                 tensors[key] = (path, handle)
         except (SafetensorError, OSError) as e:
             raise LcdError(f"{path}: unreadable safetensors file ({e})") from None

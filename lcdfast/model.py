@@ -1,4 +1,4 @@
-"""One decoder-only Transformer for GPT-2, OPT and the LLaMA family, configured by `ModelConfig`.
+"""One decoder-only Transformer for GPT-2, OPT, the LLaMA family and Qwen2/Qwen3, configured by `ModelConfig`.
 
 Shape legend: B batch, T tokens in this call, S cache slots (max_seq_len), H heads, K kv heads,
 D head dim, C model width, E embedding width (OPT's word_embed_proj_dim, else C), V vocab,
@@ -36,6 +36,8 @@ class ModelConfig:
     activation: str = "silu"  # "silu" | "gelu_tanh" | "relu"
     gated_mlp: bool = True  # SwiGLU: w2(act(w1 x) * w3 x)
     attn_bias: bool = False  # q, k, v and output projections
+    attn_out_bias: bool | None = None  # the output projection's; None -> attn_bias (Qwen2: q, k and v only)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k before rotary
     mlp_bias: bool = False
     positions: str = "rotary"  # "rotary" | "learned"
     max_positions: int = 2048  # learned table size (before OPT's offset)
@@ -54,6 +56,7 @@ class ModelConfig:
         self.head_dim = self.head_dim or (self.dim // self.n_heads if self.n_heads else 0)  # 0 heads: refused later
         self.hidden_dim = self.hidden_dim or 4 * self.dim
         self.embed_dim = self.embed_dim or self.dim
+        self.attn_out_bias = self.attn_bias if self.attn_out_bias is None else self.attn_out_bias
 
 
 def rope_frequencies(cfg: ModelConfig) -> Tensor:
@@ -224,13 +227,18 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         self.wqkv = Linear(cfg.dim, qkv_width, bias=cfg.attn_bias)
-        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_bias)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_out_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor, slots: Tensor) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * K, D)
+        if self.q_norm is not None:  # per head, over D
+            q, k, v = qkv.split([H, K, K], dim=2)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=2)
         if rope is not None:  # one pass over q, k and v (v's heads get cos 1, sin 0)
             qkv = realized(apply_rotary(qkv, *rope))  # realized: q is read at every attended slot
         k, v = self.kv_cache.update(slots, qkv[:, :, H:])  # [B, K, S, D]

@@ -20,6 +20,15 @@ TINY = {
                         max_position_embeddings=256)),
     "llama-amateur": ("llama", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=2, tie_word_embeddings=True)),
+    "qwen2-untied": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2-tied": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=4, tie_word_embeddings=True)),
+    "qwen3-untied": ("qwen3", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
+    "qwen3-tied-bias": ("qwen3", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, attention_bias=True,
+                                      tie_word_embeddings=True)),
     "opt-350m-style": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                                    word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=256)),
 }
@@ -62,6 +71,10 @@ def build_tiny(kind: str, out_dir: Path, seed: int = 0):
     elif family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **extra)
         model = transformers.GPT2LMHeadModel(cfg)
+    elif family in ("qwen2", "qwen3"):
+        config_class = transformers.Qwen2Config if family == "qwen2" else transformers.Qwen3Config
+        cfg = config_class(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **extra)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
     else:
         cfg = transformers.OPTConfig(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
         model = transformers.OPTForCausalLM(cfg)

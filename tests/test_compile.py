@@ -1,5 +1,7 @@
 """The compiled decode step: token-identical to eager, and no recompilation as the position grows."""
 
+import os
+
 import pytest
 import torch
 from conftest import VOCAB
@@ -17,9 +19,10 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_compiled_equals_eager_without_recompiling(name, tiny_dir, monkeypatch):
-    model = load_model(tiny_dir("llama-untied")[0])
+@pytest.mark.parametrize("name, kind", [(name, "llama-untied") for name in CONFIGS] + [("acd", "qwen3-untied"),
+                                                                                     ("greedy", "qwen2-tied")])
+def test_compiled_equals_eager_without_recompiling(name, kind, tiny_dir, monkeypatch):
+    model = load_model(tiny_dir(kind)[0])
     dc = CONFIGS[name]
     torch.compiler.reset()
     step = torch.compile(decode_step, fullgraph=True, dynamic=False)
@@ -135,3 +138,17 @@ def test_step_timings_keep_the_newest_and_survive_a_bad_file(tmp_path, monkeypat
     assert timings.get("b") == {}
     timings.update("e", eager_ms=3.0)
     assert timings.read() == {"e": {"eager_ms": 3.0}}
+
+
+def test_compile_caches_fall_back_when_their_directory_cant_be_made(tmp_path, monkeypatch):
+    from lcdfast import compiling
+
+    monkeypatch.setenv("LCDFAST_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "-")  # recorded, so the variable is restored afterwards
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "compile").write_text("a file where the directory goes")
+    notice = compiling.use_cache_dir()
+    assert "compile/inductor: can't hold the compile caches" in notice and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    (tmp_path / "compile").unlink()
+    assert compiling.use_cache_dir() is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile/inductor")

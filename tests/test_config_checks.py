@@ -29,6 +29,9 @@ BASE = {  # full config.json objects as transformers writes them (every default 
     "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2),
     "opt": transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                   num_attention_heads=4),
+    **{family: config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+       for family, config_class in (("qwen2", transformers.Qwen2Config), ("qwen3", transformers.Qwen3Config))},
 }
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -57,6 +60,9 @@ BAD_VALUES = [  # (family, key, value, what the message must name)
     ("gpt2", "scale_attn_weights", "no", "scale_attn_weights"), ("opt", "do_layer_norm_before", "false", "do_layer"),
     ("opt", "enable_bias", 0, "enable_bias"), ("opt", "_remove_final_layer_norm", "yes", "_remove_final_layer_norm"),
     ("gpt2", "activation_function", ["gelu_new"], "activation_function"),
+    *[(family, "use_sliding_window", v, "use_sliding_window") for family in ("qwen2", "qwen3") for v in (True, "no")],
+    ("qwen3", "attention_bias", "yes", "attention_bias"), ("qwen3", "head_dim", 0, "head_dim"),
+    ("qwen2", "hidden_act", "gelu", "hidden_act"), ("qwen3", "num_key_value_heads", 3, "key/value heads"),
 ]
 
 

@@ -1,6 +1,9 @@
 """Every family against transformers on the same random weights: hidden states, logits, greedy tokens."""
 
+import json
 import mmap
+import re
+import shutil
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from conftest import TINY, VOCAB, build_tiny
 
 from lcdfast.checkpoint import HUGE_PAGE, in_huge_pages, load_model
 from lcdfast.contrast import sampling_log_probs
+from lcdfast.errors import LcdError
 from lcdfast.generate import DecodeConfig, decode_step, generate_ids
 
 
@@ -68,7 +72,7 @@ def test_greedy_tokens_match_transformers(kind, penalty, tiny_dir):
     assert out[0] == ref, first_diff(out[0], ref)
 
 
-@pytest.mark.parametrize("kind", ["llama-tied-gqa", "gpt2", "opt-350m-style"])
+@pytest.mark.parametrize("kind", ["llama-tied-gqa", "gpt2", "opt-350m-style", "qwen3-untied"])
 @pytest.mark.parametrize("dc", [DecodeConfig(), DecodeConfig(repetition_penalty=1.2),
                                 DecodeConfig(method="sample", do_sample=True, temperature=0.9, top_k=40, top_p=0.9)])
 def test_batched_equals_one_by_one(kind, dc, tiny_dir):
@@ -109,6 +113,19 @@ def test_sharded_checkpoint_loads(tmp_path):
     whole, sharded = load_model(tmp_path / "whole"), load_model(tmp_path / "sharded")
     for (name, a), b in zip(whole.state_dict().items(), sharded.state_dict().values()):
         assert torch.equal(a, b), name
+    index_path = tmp_path / "sharded" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for shard, needle in [("../whole/model.safetensors", "shard '../whole/model.safetensors' is not a .safetensors"),
+                          ("/etc/passwd", "shard '/etc/passwd' is not"), ("a" * 300 + ".safetensors", "shard 'aaa")]:
+        index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], "lm_head.weight": shard}}))
+        with pytest.raises(LcdError, match=re.escape(needle)):
+            load_model(tmp_path / "sharded")
+    index_path.write_text(json.dumps(index))
+    shutil.copy(tmp_path / "sharded" / shards[0], tmp_path / "sharded" / "copy.safetensors")  # its tensors twice
+    index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], "lm_head.weight": "copy.safetensors"}}))
+    with pytest.raises(LcdError, match=f"{shards[0]}: tensor '.*' is also in copy.safetensors"):
+        load_model(tmp_path / "sharded")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
