@@ -158,6 +158,33 @@ def llama_config(c: Checked, family: str = "llama") -> ModelConfig:
     )
 
 
+def neox_config(c: Checked) -> ModelConfig:
+    """GPT-NeoX / Pythia: LayerNorm, rotary over the first rotary_pct of each head, fused per-head QKV, biases,
+    erf GELU, parallel residual (use_parallel_residual), untied embed_out."""
+    act = c.hf.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise LcdError(f"{c.path}: hidden_act {shown(act)} unsupported (expected gelu or gelu_new)")
+    dim, vocab, heads = c.size("hidden_size", "dim"), c.size("vocab_size", "vocab_size"), c.size("num_attention_heads",
+                                                                                                  "n_heads")
+    if dim % heads:
+        raise LcdError(f"{c.path}: hidden_size {dim} does not split into {heads} attention heads")
+    head_dim = dim // heads
+    rotary = int(head_dim * c.number("rotary_pct", 0.25, (0.0, 1.0)))
+    if rotary < 2 or rotary % 2:
+        raise LcdError(f"{c.path}: rotary_pct {c.hf.get('rotary_pct', 0.25)} rotates {rotary} of each head's "
+                       f"{head_dim} dims; lcdfast needs an even number >= 2")
+    bias = c.flag("attention_bias", True)
+    return ModelConfig(
+        family="gpt_neox", vocab_size=vocab, dim=dim, n_layers=c.size("num_hidden_layers", "n_layers"), n_heads=heads,
+        hidden_dim=c.size("intermediate_size", "hidden_dim"), norm="layernorm",
+        norm_eps=c.number("layer_norm_eps", 1e-5, EPS), activation="gelu" if act == "gelu" else "gelu_tanh",
+        gated_mlp=False, attn_bias=bias, mlp_bias=True, parallel_residual=c.flag("use_parallel_residual", True),
+        positions="rotary", rope_theta=c.number("rotary_emb_base", 10000.0, THETA), rotary_dim=rotary,
+        rope_scaling=rope_scaling(c), max_positions=c.size("max_position_embeddings", "max_positions", 2048),
+        tie_embeddings=c.flag("tie_word_embeddings", False), **c.special_tokens(vocab),
+    )
+
+
 def qwen_config(c: Checked) -> ModelConfig:
     """Qwen2/2.5: LLaMA with biases on q, k and v (not on the output projection); Qwen3: no biases unless
     attention_bias, an RMSNorm over each head's q and k, head_dim its own key."""
@@ -169,8 +196,8 @@ def qwen_config(c: Checked) -> ModelConfig:
                                attn_out_bias=bias and qwen3, qk_norm=qwen3)
 
 
-FAMILIES = {"gpt2": gpt2_config, "opt": opt_config, "llama": llama_config, "mistral": llama_config,
-            "qwen2": qwen_config, "qwen3": qwen_config}
+FAMILIES = {"gpt2": gpt2_config, "opt": opt_config, "gpt_neox": neox_config, "llama": llama_config,
+            "mistral": llama_config, "qwen2": qwen_config, "qwen3": qwen_config}
 
 
 def model_config(hf: dict, path: Path | str = "config.json") -> ModelConfig:
@@ -255,11 +282,34 @@ def llama_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
     return names
 
 
+def neox_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
+    names = {"tok_embeddings.weight": (["embed_in.weight"], False)}
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"layers.{i}."
+        for part in ("weight", "bias"):
+            names[ours + f"attention_norm.{part}"] = ([hf + f"input_layernorm.{part}"], False)
+            names[ours + f"ffn_norm.{part}"] = ([hf + f"post_attention_layernorm.{part}"], False)
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.dense_h_to_4h.{part}"], False)
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.dense_4h_to_h.{part}"], False)
+        for part in ("weight", "bias") if cfg.attn_bias else ("weight",):
+            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attention.query_key_value.{part}"], False)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"attention.dense.{part}"], False)
+    names["norm.weight"], names["norm.bias"] = (["final_layer_norm.weight"], False), (["final_layer_norm.bias"], False)
+    return names
+
+
+def per_head_qkv(cfg: ModelConfig, tensor: Tensor) -> Tensor:
+    """GPT-NeoX's fused QKV rows [H * (q, k, v) * D, ...], head by head, as ours: all q rows, all k, all v."""
+    return tensor.view(cfg.n_heads, 3, cfg.head_dim, -1).transpose(0, 1).reshape(tensor.shape)
+
+
 # Buffers some checkpoints carry that a model recomputes: GPT-2's causal masks, LLaMA's rotary frequencies.
 IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-NAME_TABLES = {"gpt2": gpt2_names, "opt": opt_names, "llama": llama_names, "qwen2": llama_names, "qwen3": llama_names}
-BODY_PREFIXES = {"gpt2": ("transformer.", ""), "opt": ("model.decoder.", "decoder.", ""), "llama": ("model.", ""),
-                 "qwen2": ("model.", ""), "qwen3": ("model.", "")}
+NAME_TABLES = {"gpt2": gpt2_names, "opt": opt_names, "gpt_neox": neox_names, "llama": llama_names,
+               "qwen2": llama_names, "qwen3": llama_names}
+BODY_PREFIXES = {"gpt2": ("transformer.", ""), "opt": ("model.decoder.", "decoder.", ""), "gpt_neox": ("gpt_neox.", ""),
+                 "llama": ("model.", ""), "qwen2": ("model.", ""), "qwen3": ("model.", "")}
+HEAD_NAMES = {"gpt_neox": "embed_out.weight"}  # the untied head's checkpoint name (no prefix); else lm_head.weight
 
 
 SHARD_NAME = re.compile(r"[^/\\\x00]{1,240}\.safetensors")  # a file name in the checkpoint's directory, not a path
@@ -429,8 +479,9 @@ def load_model(
     # our parameter name -> (checkpoint keys, conv1d); the untied head has no prefix
     table = {ours: ([prefix + n for n in names], conv1d)
              for ours, (names, conv1d) in NAME_TABLES[cfg.family](cfg).items()}
+    head_name = HEAD_NAMES.get(cfg.family, "lm_head.weight")
     if not cfg.tie_embeddings:
-        table["output.weight"] = (["lm_head.weight"], False)
+        table["output.weight"] = ([head_name], False)
     if cfg.tie_embeddings:  # one storage: the head [V, E] is the embedding table (read first, as before)
         table = {"output.weight" if k == "tok_embeddings.weight" else k: v for k, v in table.items()}
     in_codes = {ours for ours in table if ours in codes or ours.removesuffix("weight") + "q" in codes}
@@ -438,9 +489,9 @@ def load_model(
     described = f"config.json describes a {cfg.family} model of {cfg.n_layers} layers"
     missing = [key for key in used if key not in tensors]
     if missing:
-        why = "config says tie_word_embeddings=false" if missing[0] == "lm_head.weight" else described
+        why = "config says tie_word_embeddings=false" if missing[0] == head_name else described
         raise LcdError(f"{model_dir}: missing tensor '{missing[0]}' ({len(missing)} missing: {why})")
-    unused = sorted(set(tensors) - {key for keys, _ in table.values() for key in keys} - {"lm_head.weight"})
+    unused = sorted(set(tensors) - {key for keys, _ in table.values() for key in keys} - {head_name})
     unused = [key for key in unused if not key.endswith(IGNORED)]
     consumed = {f"{ours.removesuffix('weight')}{part}" for ours in in_codes for part in ("q", "scale", "low")}
     unused += sorted(set(codes) - in_codes - consumed)
@@ -466,6 +517,8 @@ def load_model(
                      for key, part in zip(keys, part_shapes(cfg, expected[ours].shape, len(keys), conv1d))]
             weight, tensor = None, torch.cat(parts) if len(parts) > 1 else parts[0]
             tensor = (tensor.t() if conv1d else tensor).contiguous()
+            if cfg.family == "gpt_neox" and ours.split(".")[-2] == "wqkv":
+                tensor = per_head_qkv(cfg, tensor)
         if weight is None and bits and ours in linears:
             weight = quant.quantize(tensor, bits, group, ours)
         if weight is not None:

@@ -1,4 +1,4 @@
-"""One decoder-only Transformer for GPT-2, OPT, the LLaMA family and Qwen2/Qwen3, configured by `ModelConfig`.
+"""One decoder-only Transformer for GPT-2, OPT, GPT-NeoX, the LLaMA family and Qwen2/3, configured by `ModelConfig`.
 
 Shape legend: B batch, T tokens in this call, S cache slots (max_seq_len), H heads, K kv heads,
 D head dim, C model width, E embedding width (OPT's word_embed_proj_dim, else C), V vocab,
@@ -33,16 +33,18 @@ class ModelConfig:
     norm_eps: float = 1e-5
     pre_norm: bool = True  # False: OPT-350m style post-LN blocks
     final_norm: bool = True
-    activation: str = "silu"  # "silu" | "gelu_tanh" | "relu"
+    activation: str = "silu"  # "silu" | "gelu_tanh" | "gelu" (erf) | "relu"
     gated_mlp: bool = True  # SwiGLU: w2(act(w1 x) * w3 x)
     attn_bias: bool = False  # q, k, v and output projections
     attn_out_bias: bool | None = None  # the output projection's; None -> attn_bias (Qwen2: q, k and v only)
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k before rotary
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(norm1(x)) + mlp(norm2(x)), both read the block's input
     mlp_bias: bool = False
     positions: str = "rotary"  # "rotary" | "learned"
     max_positions: int = 2048  # learned table size (before OPT's offset)
     position_offset: int = 0  # OPT: 2
     rope_theta: float = 10000.0
+    rotary_dim: int = 0  # the leading dims of each head that rotate (GPT-NeoX's rotary_pct); 0 -> head_dim
     rope_scaling: dict | None = None
     attention_window: int = 0  # Mistral's sliding_window: a query sees the last W positions, itself included; 0: all
     tie_embeddings: bool = True
@@ -57,11 +59,13 @@ class ModelConfig:
         self.hidden_dim = self.hidden_dim or 4 * self.dim
         self.embed_dim = self.embed_dim or self.dim
         self.attn_out_bias = self.attn_bias if self.attn_out_bias is None else self.attn_out_bias
+        self.rotary_dim = self.rotary_dim or self.head_dim
 
 
 def rope_frequencies(cfg: ModelConfig) -> Tensor:
-    """Inverse frequencies [D/2], with llama3 or linear `rope_scaling` applied."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    """Inverse frequencies [R/2] (R = rotary_dim), with llama3 or linear `rope_scaling` applied."""
+    R = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float64) / R))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
@@ -78,11 +82,16 @@ def rope_frequencies(cfg: ModelConfig) -> Tensor:
     return inv_freq.float()
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, T, H, D]; cos, sin: [B, T, H, D] or broadcastable, `sin`'s first half negated (see `rope_tables`):
-    # x * cos + rotate_half(x) * sin in transformers' layout, the halves swapped by index (no copy under compile)
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int) -> Tensor:
+    # x: [B, T, H, D]; cos, sin: [B, T, H, D] or broadcastable, `sin`'s first half of the R = rotary_dim rotating
+    # dims negated and the dims past R at cos 1, sin 0 (see `rope_tables`): x * cos + rotate_half(x) * sin in
+    # transformers' layout, the halves of the first R dims swapped by index (no copy under compile when R = D)
     B, T, H, D = x.shape
-    return x * cos + x.view(B, T, H, 2, D // 2).flip(3).view(B, T, H, D) * sin
+    R = rotary_dim
+    if R == D:
+        return x * cos + x.view(B, T, H, 2, D // 2).flip(3).view(B, T, H, D) * sin
+    swapped = torch.cat([x[..., :R].reshape(B, T, H, 2, R // 2).flip(3).reshape(B, T, H, R), x[..., R:]], dim=-1)
+    return x * cos + swapped * sin
 
 
 class KVCache(nn.Module):
@@ -124,7 +133,7 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def realized(t: Tensor) -> Tensor:
@@ -224,7 +233,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.rotary_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, \
+            cfg.rotary_dim
         qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         self.wqkv = Linear(cfg.dim, qkv_width, bias=cfg.attn_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_out_bias)
@@ -240,7 +250,7 @@ class Attention(nn.Module):
             q, k, v = qkv.split([H, K, K], dim=2)
             qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=2)
         if rope is not None:  # one pass over q, k and v (v's heads get cos 1, sin 0)
-            qkv = realized(apply_rotary(qkv, *rope))  # realized: q is read at every attended slot
+            qkv = realized(apply_rotary(qkv, *rope, self.rotary_dim))  # realized: q is read at every attended slot
         k, v = self.kv_cache.update(slots, qkv[:, :, H:])  # [B, K, S, D]
         q = qkv[:, :, :H].transpose(1, 2)  # [B, H, T, D]
         n_slots = mask.shape[-1]  # P <= S slots attended
@@ -266,13 +276,15 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.pre_norm = cfg.pre_norm
+        self.pre_norm, self.parallel_residual = cfg.pre_norm, cfg.parallel_residual
         self.attention_norm = make_norm(cfg, cfg.dim)
         self.attention = Attention(cfg)
         self.ffn_norm = make_norm(cfg, cfg.dim)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, rope, mask: Tensor, slots: Tensor) -> Tensor:
+        if self.parallel_residual:
+            return x + self.attention(self.attention_norm(x), rope, mask, slots) + self.feed_forward(self.ffn_norm(x))
         if self.pre_norm:
             x = x + self.attention(self.attention_norm(x), rope, mask, slots)
             return x + self.feed_forward(self.ffn_norm(x))
@@ -329,11 +341,14 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
         if cfg.positions == "rotary":
             angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(cfg))
-            angles = torch.cat((angles, angles), dim=-1).to(device)  # [S, D]
-            sign = torch.ones(cfg.head_dim, device=device)
-            sign[: cfg.head_dim // 2] = -1  # rotate_half's negated half, folded into the sines
-            self.register_buffer("rope_cos", angles.cos().to(dtype), persistent=False)
-            self.register_buffer("rope_sin", (angles.sin() * sign).to(dtype), persistent=False)
+            angles = torch.cat((angles, angles), dim=-1).to(device)  # [S, R]
+            sign = torch.ones(cfg.rotary_dim, device=device)
+            sign[: cfg.rotary_dim // 2] = -1  # rotate_half's negated half, folded into the sines
+            still = cfg.head_dim - cfg.rotary_dim  # dims past R keep their values: cos 1, sin 0
+            cos = F.pad(angles.cos(), (0, still), value=1.0)  # [S, D]
+            sin = F.pad(angles.sin() * sign, (0, still), value=0.0)
+            self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
+            self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
 
     def forward(
         self, tokens: Tensor, slots: Tensor, pad: Tensor, exit_layers: tuple[int, ...] = (), span: Tensor | None = None

@@ -29,6 +29,11 @@ TINY = {
     "qwen3-tied-bias": ("qwen3", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, attention_bias=True,
                                       tie_word_embeddings=True)),
+    "neox-parallel": ("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                       num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=True)),
+    "neox-sequential-tied": ("gpt_neox", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                              num_attention_heads=2, rotary_pct=0.5, use_parallel_residual=False,
+                                              tie_word_embeddings=True, rotary_emb_base=500.0)),
     "opt-350m-style": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                                    word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=256)),
 }
@@ -71,8 +76,9 @@ def build_tiny(kind: str, out_dir: Path, seed: int = 0):
     elif family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **extra)
         model = transformers.GPT2LMHeadModel(cfg)
-    elif family in ("qwen2", "qwen3"):
-        config_class = transformers.Qwen2Config if family == "qwen2" else transformers.Qwen3Config
+    elif family in ("qwen2", "qwen3", "gpt_neox"):
+        config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                        "gpt_neox": transformers.GPTNeoXConfig}[family]
         cfg = config_class(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **extra)
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     else:

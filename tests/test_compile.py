@@ -19,8 +19,11 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name, kind", [(name, "llama-untied") for name in CONFIGS] + [("acd", "qwen3-untied"),
-                                                                                     ("greedy", "qwen2-tied")])
+OTHER_FAMILIES = [("acd", "qwen3-untied"), ("greedy", "qwen2-tied"), ("sample", "neox-parallel"),
+                  ("dola", "neox-parallel")]
+
+
+@pytest.mark.parametrize("name, kind", [(name, "llama-untied") for name in CONFIGS] + OTHER_FAMILIES)
 def test_compiled_equals_eager_without_recompiling(name, kind, tiny_dir, monkeypatch):
     model = load_model(tiny_dir(kind)[0])
     dc = CONFIGS[name]

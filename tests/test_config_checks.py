@@ -32,6 +32,8 @@ BASE = {  # full config.json objects as transformers writes them (every default 
     **{family: config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
        for family, config_class in (("qwen2", transformers.Qwen2Config), ("qwen3", transformers.Qwen3Config))},
+    "gpt_neox": transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4),
 }
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -63,6 +65,10 @@ BAD_VALUES = [  # (family, key, value, what the message must name)
     *[(family, "use_sliding_window", v, "use_sliding_window") for family in ("qwen2", "qwen3") for v in (True, "no")],
     ("qwen3", "attention_bias", "yes", "attention_bias"), ("qwen3", "head_dim", 0, "head_dim"),
     ("qwen2", "hidden_act", "gelu", "hidden_act"), ("qwen3", "num_key_value_heads", 3, "key/value heads"),
+    *[("gpt_neox", "rotary_pct", v, "rotary_pct") for v in (0, 0.01, NAN, "0.25", 1.5, None)],
+    ("gpt_neox", "use_parallel_residual", "yes", "use_parallel_residual"),
+    ("gpt_neox", "hidden_act", "relu", "hidden_act"), ("gpt_neox", "num_attention_heads", 5, "does not split into 5"),
+    ("gpt_neox", "rotary_emb_base", 0, "rotary_emb_base"),
 ]
 
 
