@@ -99,6 +99,36 @@ def gpt2_config(c: Checked) -> ModelConfig:
     )
 
 
+def gpt_neo_config(c: Checked) -> ModelConfig:
+    """GPT-Neo: GPT-2's block with unscaled attention scores, q/k/v without biases, and layers alternating global
+    and local (a window of window_size) attention as attention_types lists them."""
+    act = c.hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise LcdError(f"{c.path}: activation_function {shown(act)} unsupported (expected gelu_new)")
+    dim, vocab, n = c.size("hidden_size", "dim"), c.size("vocab_size", "vocab_size"), c.size("num_layers", "n_layers")
+    heads = c.size("num_heads", "n_heads")
+    if dim % heads:
+        raise LcdError(f"{c.path}: hidden_size {dim} does not split into {heads} attention heads")
+    types = c.hf.get("attention_types", [[["global", "local"], n // 2]])
+    try:
+        kinds = [kind for pattern, repeat in types for _ in range(whole("repeat", repeat, 0, n)) for kind in pattern]
+    except (TypeError, ValueError, LcdError):
+        kinds = None
+    if kinds is None or len(kinds) != n or not set(kinds) <= {"global", "local"}:
+        raise LcdError(f"{c.path}: attention_types {shown(types)} must be [[[\"global\" or \"local\", ...], repeat], "
+                       f"...] naming {n} layers (num_layers)")
+    window = c.size("window_size", "attention_window", 256)
+    return ModelConfig(
+        family="gpt_neo", vocab_size=vocab, dim=dim, n_layers=n, n_heads=heads,
+        hidden_dim=c.size("intermediate_size", "hidden_dim", 4 * dim), norm="layernorm",
+        norm_eps=c.number("layer_norm_epsilon", 1e-5, EPS), activation="gelu_tanh", gated_mlp=False,
+        attn_bias=False, attn_out_bias=True, mlp_bias=True, attn_scale=1.0, positions="learned",
+        max_positions=c.size("max_position_embeddings", "max_positions", 2048),
+        layer_windows=[window if kind == "local" else 0 for kind in kinds],
+        tie_embeddings=c.flag("tie_word_embeddings", True), **c.special_tokens(vocab),
+    )
+
+
 def opt_config(c: Checked) -> ModelConfig:
     act = c.hf.get("activation_function", "relu")
     if act != "relu":
@@ -196,8 +226,8 @@ def qwen_config(c: Checked) -> ModelConfig:
                                attn_out_bias=bias and qwen3, qk_norm=qwen3)
 
 
-FAMILIES = {"gpt2": gpt2_config, "opt": opt_config, "gpt_neox": neox_config, "llama": llama_config,
-            "mistral": llama_config, "qwen2": qwen_config, "qwen3": qwen_config}
+FAMILIES = {"gpt2": gpt2_config, "gpt_neo": gpt_neo_config, "opt": opt_config, "gpt_neox": neox_config,
+            "llama": llama_config, "mistral": llama_config, "qwen2": qwen_config, "qwen3": qwen_config}
 
 
 def model_config(hf: dict, path: Path | str = "config.json") -> ModelConfig:
@@ -233,6 +263,21 @@ def gpt2_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
             names[ours + f"attention.wo.{part}"] = ([hf + f"attn.c_proj.{part}"], conv1d)
             names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], conv1d)
             names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], conv1d)
+    names["norm.weight"], names["norm.bias"] = (["ln_f.weight"], False), (["ln_f.bias"], False)
+    return names
+
+
+def gpt_neo_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
+    names = {"tok_embeddings.weight": (["wte.weight"], False), "pos_embeddings.weight": (["wpe.weight"], False)}
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"h.{i}."
+        names[ours + "attention.wqkv.weight"] = ([hf + f"attn.attention.{p}_proj.weight" for p in "qkv"], False)
+        for part in ("weight", "bias"):
+            names[ours + f"attention_norm.{part}"] = ([hf + f"ln_1.{part}"], False)
+            names[ours + f"ffn_norm.{part}"] = ([hf + f"ln_2.{part}"], False)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.attention.out_proj.{part}"], False)
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], False)
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], False)
     names["norm.weight"], names["norm.bias"] = (["ln_f.weight"], False), (["ln_f.bias"], False)
     return names
 
@@ -303,12 +348,13 @@ def per_head_qkv(cfg: ModelConfig, tensor: Tensor) -> Tensor:
     return tensor.view(cfg.n_heads, 3, cfg.head_dim, -1).transpose(0, 1).reshape(tensor.shape)
 
 
-# Buffers some checkpoints carry that a model recomputes: GPT-2's causal masks, LLaMA's rotary frequencies.
-IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-NAME_TABLES = {"gpt2": gpt2_names, "opt": opt_names, "gpt_neox": neox_names, "llama": llama_names,
-               "qwen2": llama_names, "qwen3": llama_names}
-BODY_PREFIXES = {"gpt2": ("transformer.", ""), "opt": ("model.decoder.", "decoder.", ""), "gpt_neox": ("gpt_neox.", ""),
-                 "llama": ("model.", ""), "qwen2": ("model.", ""), "qwen3": ("model.", "")}
+# Buffers some checkpoints carry that a model recomputes: GPT-2's, GPT-Neo's and NeoX's causal masks, rotary tables.
+IGNORED = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+NAME_TABLES = {"gpt2": gpt2_names, "gpt_neo": gpt_neo_names, "opt": opt_names, "gpt_neox": neox_names,
+               "llama": llama_names, "qwen2": llama_names, "qwen3": llama_names}
+BODY_PREFIXES = {"gpt2": ("transformer.", ""), "gpt_neo": ("transformer.", ""), "gpt_neox": ("gpt_neox.", ""),
+                 "opt": ("model.decoder.", "decoder.", ""), "llama": ("model.", ""), "qwen2": ("model.", ""),
+                 "qwen3": ("model.", "")}
 HEAD_NAMES = {"gpt_neox": "embed_out.weight"}  # the untied head's checkpoint name (no prefix); else lm_head.weight
 
 

@@ -1,4 +1,4 @@
-"""One decoder-only Transformer for GPT-2, OPT, GPT-NeoX, the LLaMA family and Qwen2/3, configured by `ModelConfig`.
+"""One decoder-only Transformer for GPT-2, GPT-Neo, GPT-NeoX, OPT, LLaMA and Qwen2/3, configured by `ModelConfig`.
 
 Shape legend: B batch, T tokens in this call, S cache slots (max_seq_len), H heads, K kv heads,
 D head dim, C model width, E embedding width (OPT's word_embed_proj_dim, else C), V vocab,
@@ -47,6 +47,8 @@ class ModelConfig:
     rotary_dim: int = 0  # the leading dims of each head that rotate (GPT-NeoX's rotary_pct); 0 -> head_dim
     rope_scaling: dict | None = None
     attention_window: int = 0  # Mistral's sliding_window: a query sees the last W positions, itself included; 0: all
+    layer_windows: list[int] = field(default_factory=list)  # per layer (GPT-Neo's local layers); [] -> attention_window
+    attn_scale: float = 0.0  # attention scores times this; 0 -> 1/sqrt(head_dim); GPT-Neo: 1 (unscaled)
     tie_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -60,6 +62,8 @@ class ModelConfig:
         self.embed_dim = self.embed_dim or self.dim
         self.attn_out_bias = self.attn_bias if self.attn_out_bias is None else self.attn_out_bias
         self.rotary_dim = self.rotary_dim or self.head_dim
+        self.layer_windows = list(self.layer_windows) or [self.attention_window] * self.n_layers
+        self.attn_scale = self.attn_scale or (self.head_dim ** -0.5 if self.head_dim else 1.0)
 
 
 def rope_frequencies(cfg: ModelConfig) -> Tensor:
@@ -215,17 +219,19 @@ class QuantLinear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of q [B, H, T, D] over the cache k, v [B, K, P, D] where mask [B, 1, T, P]: [B, H, T, D].
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention of q [B, H, T, D] over the cache k, v [B, K, P, D] where mask [B, 1, T, P], the scores times
+    `scale`: [B, H, T, D].
 
     Under torch.compile on CPU, written out so inductor fuses it into the step (a decode step's 30 SDPA calls
     cost more in call overhead than in arithmetic); else SDPA."""
     if not (torch.compiler.is_compiling() and q.device.type == "cpu"):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
+                                              scale=scale)
     B, H, T, D = q.shape
     K = k.shape[1]
     q = q.reshape(B, K, H // K, T, 1, D)  # query heads grouped by their kv head
-    scores = (q * k[:, :, None, None]).sum(-1) * D**-0.5  # [B, K, G, T, P]
+    scores = (q * k[:, :, None, None]).sum(-1) * scale  # [B, K, G, T, P]
     probs = scores.masked_fill(~mask[:, :, None], -math.inf).softmax(-1)
     return (probs[..., None] * v[:, :, None, None]).sum(-2).reshape(B, H, T, D)
 
@@ -233,8 +239,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim, self.rotary_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, \
-            cfg.rotary_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rotary_dim, self.scale = cfg.rotary_dim, cfg.attn_scale
         qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         self.wqkv = Linear(cfg.dim, qkv_width, bias=cfg.attn_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_out_bias)
@@ -254,7 +260,7 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(slots, qkv[:, :, H:])  # [B, K, S, D]
         q = qkv[:, :, :H].transpose(1, 2)  # [B, H, T, D]
         n_slots = mask.shape[-1]  # P <= S slots attended
-        y = attend(q, k[:, :, :n_slots], v[:, :, :n_slots], mask)  # [B, H, T, D]
+        y = attend(q, k[:, :, :n_slots], v[:, :, :n_slots], mask, self.scale)  # [B, H, T, D]
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, C]
 
 
@@ -361,7 +367,7 @@ class Transformer(nn.Module):
         residual stream at each requested layer stacked [L, B, T, C] (None if none requested).
         """
         positions = slots[None, :] - pad[:, None]  # [B, T], row-relative; negative on padding
-        mask = self.attention_mask(slots, pad, span)
+        masks = {w: self.attention_mask(slots, pad, span, w) for w in sorted(set(self.config.layer_windows))}
         table = self.output if self.tok_embeddings is None else self.tok_embeddings  # tied: the head's rows
         x = weight_rows(table.weight, tokens, self.dtype)  # [B, T, E]; quantized rows dequantized alone
         if self.project_in is not None:
@@ -374,8 +380,8 @@ class Transformer(nn.Module):
         exits = []
         if 0 in exit_layers:
             exits.append(x)
-        for i, layer in enumerate(self.layers, start=1):
-            x = layer(x, rope, mask, slots)
+        for i, (layer, window) in enumerate(zip(self.layers, self.config.layer_windows), start=1):
+            x = layer(x, rope, masks[window], slots)
             if i in exit_layers:
                 exits.append(x)
         return self.final_hidden(x), torch.stack(exits) if exits else None
@@ -389,13 +395,13 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # [B, T, 1, D]
         return torch.where(rotated, cos, 1.0), torch.where(rotated, sin, 0.0)
 
-    def attention_mask(self, slots: Tensor, pad: Tensor, span: Tensor | None = None) -> Tensor:
-        # [B, 1, T, P]: a query sees cached slots up to its own, never the row's left padding.
-        # A padding query still sees itself, so no row of the softmax is empty (no NaNs).
+    def attention_mask(self, slots: Tensor, pad: Tensor, span: Tensor | None = None, window: int = 0) -> Tensor:
+        # [B, 1, T, P]: a query sees cached slots up to its own (`window`: only the last that many), never the row's
+        # left padding. A padding query still sees itself, so no row of the softmax is empty (no NaNs).
         cache_slots = torch.arange(self.max_seq_len, device=slots.device) if span is None else span
         causal = cache_slots[None, :] <= slots[:, None]  # [T, P]
-        if self.config.attention_window:
-            causal = causal & (cache_slots[None, :] > slots[:, None] - self.config.attention_window)
+        if window:
+            causal = causal & (cache_slots[None, :] > slots[:, None] - window)
         not_pad = cache_slots[None, :] >= pad[:, None]  # [B, P]
         mask = causal[None] & (not_pad[:, None] | (cache_slots[None, :] == slots[:, None])[None])
         return mask[:, None]

@@ -34,6 +34,8 @@ TINY = {
     "neox-sequential-tied": ("gpt_neox", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                               num_attention_heads=2, rotary_pct=0.5, use_parallel_residual=False,
                                               tie_word_embeddings=True, rotary_emb_base=500.0)),
+    "gpt-neo": ("gpt_neo", dict(hidden_size=64, num_layers=4, num_heads=4, window_size=5,
+                                attention_types=[[["global", "local"], 2]])),
     "opt-350m-style": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                                    word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=256)),
 }
@@ -76,9 +78,9 @@ def build_tiny(kind: str, out_dir: Path, seed: int = 0):
     elif family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **extra)
         model = transformers.GPT2LMHeadModel(cfg)
-    elif family in ("qwen2", "qwen3", "gpt_neox"):
+    elif family in ("qwen2", "qwen3", "gpt_neox", "gpt_neo"):
         config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                        "gpt_neox": transformers.GPTNeoXConfig}[family]
+                        "gpt_neox": transformers.GPTNeoXConfig, "gpt_neo": transformers.GPTNeoConfig}[family]
         cfg = config_class(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **extra)
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     else:

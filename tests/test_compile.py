@@ -20,7 +20,7 @@ CONFIGS = {
 
 
 OTHER_FAMILIES = [("acd", "qwen3-untied"), ("greedy", "qwen2-tied"), ("sample", "neox-parallel"),
-                  ("dola", "neox-parallel")]
+                  ("dola", "neox-parallel"), ("acd", "gpt-neo")]
 
 
 @pytest.mark.parametrize("name, kind", [(name, "llama-untied") for name in CONFIGS] + OTHER_FAMILIES)

@@ -32,6 +32,8 @@ BASE = {  # full config.json objects as transformers writes them (every default 
     **{family: config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
        for family, config_class in (("qwen2", transformers.Qwen2Config), ("qwen3", transformers.Qwen3Config))},
+    "gpt_neo": transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
+                                         attention_types=[[["global", "local"], 1]], bos_token_id=1, eos_token_id=2),
     "gpt_neox": transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4),
 }
@@ -69,6 +71,11 @@ BAD_VALUES = [  # (family, key, value, what the message must name)
     ("gpt_neox", "use_parallel_residual", "yes", "use_parallel_residual"),
     ("gpt_neox", "hidden_act", "relu", "hidden_act"), ("gpt_neox", "num_attention_heads", 5, "does not split into 5"),
     ("gpt_neox", "rotary_emb_base", 0, "rotary_emb_base"),
+    *[("gpt_neo", "attention_types", v, "attention_types")
+      for v in ([[["global", "local"], 2]], [[["global", "x"], 1]], 5, [[["local"], 1.5]], [["global"]], [[[], 2**63]])
+      ],
+    ("gpt_neo", "window_size", 0, "window_size"), ("gpt_neo", "num_heads", 3, "does not split into 3"),
+    ("gpt_neo", "activation_function", "relu", "activation_function"),
 ]
 
 
