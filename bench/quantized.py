@@ -35,7 +35,7 @@ def top1(engine, text: str, max_tokens: int = 256) -> torch.Tensor:
     model = engine.model
     model.setup_caches(1, ids.shape[1])
     final, _ = model(ids, torch.arange(ids.shape[1]), torch.zeros(1, dtype=torch.long))
-    return model.output(final)[0].argmax(-1)
+    return model.logits(final)[0].argmax(-1)
 
 
 def perplexity(engine, texts: list[str]) -> float:

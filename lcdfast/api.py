@@ -474,7 +474,7 @@ class Engine:
         out = []
         for j in layers:
             if j == n:
-                out.append(self.model.output(final).float())
+                out.append(self.model.logits(final).float())
             else:
                 out.append(exit_logits(self.model, exits[early.index(j)][None], exit_norm, readout(j))[0])
         out = torch.stack(out)

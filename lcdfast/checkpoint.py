@@ -226,8 +226,50 @@ def qwen_config(c: Checked) -> ModelConfig:
                                attn_out_bias=bias and qwen3, qk_norm=qwen3)
 
 
+GELU = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}  # transformers' names -> ours
+
+
+def gemma_config(c: Checked) -> ModelConfig:
+    """Gemma: the LLaMA block with norms scaled by 1 + weight, embeddings times sqrt(hidden_size), GeGLU and its
+    own head_dim; Gemma 2 adds norms after attention and the MLP, scores scaled by query_pre_attn_scalar^-1/2,
+    attention and final soft-capping, and a window on every other layer (the even ones); Gemma 3 (text) drops the
+    soft-capping for q/k norms, windows five layers in six (sliding_window_pattern) with their own rotary base."""
+    kind = c.hf.get("model_type")
+    key = "hidden_act" if kind == "gemma" else "hidden_activation"
+    act = c.hf.get(key) or "gelu_pytorch_tanh"
+    if act not in GELU:
+        raise LcdError(f"{c.path}: {key} {shown(act)} unsupported (expected gelu_pytorch_tanh or gelu)")
+    dim, vocab, heads = c.size("hidden_size", "dim"), c.size("vocab_size", "vocab_size"), c.size("num_attention_heads",
+                                                                                                  "n_heads")
+    n, head_dim = c.size("num_hidden_layers", "n_layers"), c.size("head_dim", "head_dim", 256)
+    cfg = dict(
+        family=kind, vocab_size=vocab, dim=dim, n_layers=n, n_heads=heads, head_dim=head_dim,
+        n_kv_heads=c.size("num_key_value_heads", "n_kv_heads", heads), hidden_dim=c.size("intermediate_size",
+                                                                                         "hidden_dim"),
+        norm="rmsnorm1p", norm_eps=c.number("rms_norm_eps", 1e-6, EPS), activation=GELU[act], gated_mlp=True,
+        attn_bias=c.flag("attention_bias", False), positions="rotary", embed_scale=dim ** 0.5,
+        rope_theta=c.number("rope_theta", 1e6 if kind == "gemma3_text" else 1e4, THETA), rope_scaling=rope_scaling(c),
+        max_positions=c.size("max_position_embeddings", "max_positions", 8192),
+        tie_embeddings=c.flag("tie_word_embeddings", True), **c.special_tokens(vocab))
+    if kind == "gemma":
+        return ModelConfig(**cfg)
+    cap = lambda k: 0.0 if c.hf.get(k) is None else c.number(k, None, (1e-3, 1e6))  # noqa: E731 - null: no capping
+    window = c.size("sliding_window", "attention_window", 4096)
+    if kind == "gemma2":
+        windowed = [i % 2 == 0 for i in range(n)]
+    else:
+        pattern = c.size("sliding_window_pattern", "n_layers", 6)
+        windowed = [(i + 1) % pattern != 0 for i in range(n)]
+    return ModelConfig(**cfg, sandwich_norm=True, qk_norm=kind == "gemma3_text",
+                       attn_scale=c.number("query_pre_attn_scalar", 256, (1e-6, 1e9)) ** -0.5,
+                       attn_softcap=cap("attn_logit_softcapping"), final_softcap=cap("final_logit_softcapping"),
+                       layer_windows=[window if w else 0 for w in windowed],
+                       local_rope_theta=c.number("rope_local_base_freq", 1e4, THETA) if kind == "gemma3_text" else 0.0)
+
+
 FAMILIES = {"gpt2": gpt2_config, "gpt_neo": gpt_neo_config, "opt": opt_config, "gpt_neox": neox_config,
-            "llama": llama_config, "mistral": llama_config, "qwen2": qwen_config, "qwen3": qwen_config}
+            "llama": llama_config, "mistral": llama_config, "qwen2": qwen_config, "qwen3": qwen_config,
+            "gemma": gemma_config, "gemma2": gemma_config, "gemma3_text": gemma_config}
 
 
 def model_config(hf: dict, path: Path | str = "config.json") -> ModelConfig:
@@ -348,13 +390,26 @@ def per_head_qkv(cfg: ModelConfig, tensor: Tensor) -> Tensor:
     return tensor.view(cfg.n_heads, 3, cfg.head_dim, -1).transpose(0, 1).reshape(tensor.shape)
 
 
+def gemma_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
+    """LLaMA's names; Gemma 2/3's post_attention_layernorm follows attention, and pre_feedforward_layernorm is the
+    norm before the MLP."""
+    names = llama_names(cfg)
+    if cfg.sandwich_norm:
+        for i in range(cfg.n_layers):
+            ours, hf = f"layers.{i}.", f"layers.{i}."
+            names[ours + "ffn_norm.weight"] = ([hf + "pre_feedforward_layernorm.weight"], False)
+            names[ours + "post_attention_norm.weight"] = ([hf + "post_attention_layernorm.weight"], False)
+            names[ours + "post_ffn_norm.weight"] = ([hf + "post_feedforward_layernorm.weight"], False)
+    return names
+
+
 # Buffers some checkpoints carry that a model recomputes: GPT-2's, GPT-Neo's and NeoX's causal masks, rotary tables.
 IGNORED = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 NAME_TABLES = {"gpt2": gpt2_names, "gpt_neo": gpt_neo_names, "opt": opt_names, "gpt_neox": neox_names,
-               "llama": llama_names, "qwen2": llama_names, "qwen3": llama_names}
+               "llama": llama_names, "qwen2": llama_names, "qwen3": llama_names, "gemma": gemma_names,
+               "gemma2": gemma_names, "gemma3_text": gemma_names}
 BODY_PREFIXES = {"gpt2": ("transformer.", ""), "gpt_neo": ("transformer.", ""), "gpt_neox": ("gpt_neox.", ""),
-                 "opt": ("model.decoder.", "decoder.", ""), "llama": ("model.", ""), "qwen2": ("model.", ""),
-                 "qwen3": ("model.", "")}
+                 "opt": ("model.decoder.", "decoder.", "")}  # the others: ("model.", "")
 HEAD_NAMES = {"gpt_neox": "embed_out.weight"}  # the untied head's checkpoint name (no prefix); else lm_head.weight
 
 
@@ -521,7 +576,8 @@ def load_model(
     bits, group = quant.parse_mode(quantize) if quantize and not take_codes else (0, 0)
     codes = stored[1] if take_codes else {}
     tensors = open_safetensors(model_dir) if has_float or not codes else {}
-    prefix = next((p for p in BODY_PREFIXES[cfg.family] if any(k.startswith(p) for k in tensors)), "")
+    prefixes = BODY_PREFIXES.get(cfg.family, ("model.", ""))
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in tensors)), "")
     # our parameter name -> (checkpoint keys, conv1d); the untied head has no prefix
     table = {ours: ([prefix + n for n in names], conv1d)
              for ours, (names, conv1d) in NAME_TABLES[cfg.family](cfg).items()}

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .kernels import csrc_on
-from .model import linear, realized
+from .model import linear, realized, softcapped
 from .quant import QuantWeight, weight_rows
 
 
@@ -61,10 +61,11 @@ def amateur_logits_at(hidden: Tensor, head: Tensor | QuantWeight, token_ids: Ten
 
 def acd_log_probs_masked(
     expert_logits: Tensor, amateur_hidden: Tensor, head: Tensor, alpha: float = 0.1, min_tokens_to_keep: int = 1,
-    candidates: int = 64, special: Tensor | None = None,
+    candidates: int = 64, special: Tensor | None = None, softcap: float = 0.0,
 ) -> Tensor:
     """acd_log_probs with the amateur's logits computed only on V_head (DESIGN.md §4.3). [B, V].
-    `head` is an LM head weight [V, E], float or quantized.
+    `head` is an LM head weight [V, E], float or quantized; `softcap`: the model's final soft-capping, applied to
+    the amateur's logits as to the expert's (elementwise, so on the candidates alone too).
 
     V_head is a prefix of the expert's ranking, so when it fits in the top `candidates` tokens those are
     all the amateur must score; when any row's V_head is larger, the full projection runs instead (exact)."""
@@ -77,8 +78,8 @@ def acd_log_probs_masked(
         in_head = top_logp >= threshold
         if special is not None:
             in_head = in_head & ~special[top_ids]
-        contrast = torch.where(in_head, top_logp - amateur_logits_at(amateur_hidden, head, top_ids).float(),
-                               -math.inf)
+        amateur_logits = softcapped(amateur_logits_at(amateur_hidden, head, top_ids).float(), softcap)
+        contrast = torch.where(in_head, top_logp - amateur_logits, -math.inf)
         head_mass = torch.where(in_head, top_logp, -math.inf).logsumexp(-1, keepdim=True)
         return expert_logp.scatter(1, top_ids, torch.where(in_head, contrast.log_softmax(-1) + head_mass, top_logp))
 
@@ -86,7 +87,7 @@ def acd_log_probs_masked(
         mask = expert_logp >= threshold
         if special is not None:
             mask = mask & ~special
-        amateur_logits = linear(amateur_hidden, head).float()
+        amateur_logits = softcapped(linear(amateur_hidden, head).float(), softcap)
         contrast = torch.where(mask, expert_logp - amateur_logits, -math.inf)
         head_mass = torch.where(mask, expert_logp, -math.inf).logsumexp(-1, keepdim=True)
         return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import contrast
 from .errors import LcdError
-from .model import Transformer, linear
+from .model import Transformer, linear, softcapped
 
 METHODS = ("greedy", "sample", "acd", "dola", "cd")
 
@@ -75,11 +75,13 @@ def readout_hidden(model: Transformer, exits: Tensor, use_norm: bool, readout: R
 
 
 def exit_logits(model: Transformer, exits: Tensor, use_norm: bool, readout: Readout | None) -> Tensor:
-    """Early-exit logits for stacked residual streams [L, B, C] -> [L, B, V]."""
+    """Early-exit logits for stacked residual streams [L, B, C] -> [L, B, V]: soft-capped like the final layer's
+    when read through the final norm (`use_norm`), the bare head's when not (DoLa's un-normed readout)."""
     hidden = readout_hidden(model, exits, use_norm, readout)  # [L, B, E]
     if readout is None or readout.heads is None:
-        return model.output(hidden).float()
-    return torch.stack([linear(h, w) for w, h in zip(readout.heads, hidden)]).float()
+        return model.logits(hidden, capped=use_norm).float()
+    cap = model.config.final_softcap if use_norm else 0.0
+    return torch.stack([softcapped(linear(h, w), cap) for w, h in zip(readout.heads, hidden)]).float()
 
 
 def special_mask(special_ids: tuple[int, ...], like: Tensor) -> Tensor | None:
@@ -99,10 +101,12 @@ def contrast_scores(
     shared_head = readout is None or readout.heads is None
     if dc.method == "dola" and shared_head:
         # expert and candidates through the head in one pass over its weights: [1 + L, B, E] -> [1 + L, B, V]
-        logits = model.output(torch.cat([final[None], readout_hidden(model, exits, dc.exit_norm, readout)])).float()
-        expert, layers = logits[0], logits[1:]
+        logits = model.logits(torch.cat([final[None], readout_hidden(model, exits, dc.exit_norm, readout)]),
+                              capped=False).float()
+        cap = model.config.final_softcap
+        expert, layers = softcapped(logits[0], cap), softcapped(logits[1:], cap if dc.exit_norm else 0.0)
     else:
-        expert = model.output(final).float()  # [B, V]
+        expert = model.logits(final).float()  # [B, V]
     if dc.method in ("greedy", "sample"):
         return expert, chosen
     special = special_mask(dc.special_ids, expert)
@@ -113,7 +117,8 @@ def contrast_scores(
         hidden = readout_hidden(model, exits, dc.exit_norm, readout)[0]  # [B, E]
         head = model.output.weight if shared_head else readout.heads[0]  # [V, E]
         return contrast.acd_log_probs_masked(expert, hidden, head, dc.alpha, dc.min_tokens_to_keep,
-                                             dc.head_candidates, special), chosen
+                                             dc.head_candidates, special,
+                                             model.config.final_softcap if dc.exit_norm else 0.0), chosen
     if dc.method == "acd" or not shared_head:
         layers = exit_logits(model, exits, dc.exit_norm, readout)  # [L, B, V]
     if dc.method == "acd":
@@ -144,7 +149,7 @@ def decode_step(
     -> next token [B] (-1 where the scores are NaN or have no finite best: weights that overflow), DoLa candidate
     index [B]. T = 1 when decoding; generate_ids also runs the prompt through it (eager) as the prefill."""
     final, exits = model(token, slot, pad, dc.exit_layers, span)
-    amateur_logits = amateur.output(amateur(token, slot, pad, (), span)[0][:, -1]) if amateur is not None else None
+    amateur_logits = amateur.logits(amateur(token, slot, pad, (), span)[0][:, -1]) if amateur is not None else None
     scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
                                      amateur_logits, readout, dc)
     garbage = scores.isnan().any(-1) | ~scores.amax(-1).isfinite()  # [B]
@@ -318,7 +323,7 @@ def method_log_scores(
     greedy: log p_e. acd: log q. dola: DoLa's released scoring — per position the JS-chosen layer,
     log p_e - log p_j, then log_softmax if `post_softmax`, then `relative_top_value` outside the
     relative-top set if `relative_top` > 0. cd: the same recipe with the amateur model's log-probs."""
-    expert = model.output(final).float()
+    expert = model.logits(final).float()
     if sc.method == "greedy":
         return expert.log_softmax(-1)
     hidden = None if exits is None else exits[[layers.index(j) for j in sc.exit_layers]]
@@ -435,7 +440,7 @@ def score_ids(
     target = torch.tensor([t for c in continuations for t in c], device=device)
     final_m = final[row_of, pos]  # [M, E]
     exits_m = None if exits is None else exits[:, row_of, pos]  # [L, M, C]
-    amateur_logits = None if amateur_final is None else amateur.output(amateur_final[row_of, pos]).float()
+    amateur_logits = None if amateur_final is None else amateur.logits(amateur_final[row_of, pos]).float()
     results = []
     for sc in configs:
         readout = readout_of(sc) if readout_of is not None else None

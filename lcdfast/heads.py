@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .checkpoint import finite
 from .errors import LcdError
-from .model import Transformer
+from .model import Transformer, softcapped
 from .quant import dense, weight_rows
 
 FORMAT = "lcdfast-exit-heads/1"
@@ -97,6 +97,11 @@ def token_rows(tokenizer, texts: list[str], max_tokens: int, seq_len: int = SEQ_
     return torch.tensor(stream[: len(stream) // T * T]).view(-1, T)
 
 
+def row_length(model: Transformer) -> int:
+    """SEQ_LEN, or fewer where the model's learned positions end sooner (GPT-2's n_positions)."""
+    return min(SEQ_LEN, model.config.max_positions) if model.config.positions == "learned" else SEQ_LEN
+
+
 def split_dev(rows: Tensor) -> tuple[Tensor, Tensor]:
     """The rows to fit on and the last rows (DEV_TOKENS, at most a quarter; none if two rows or fewer) held out for
     the statistics."""
@@ -118,7 +123,7 @@ def hidden_states(model: Transformer, rows: Tensor, layers: tuple[int, ...],
     model.setup_caches(R, T)
     final, exits = model(rows.to(device), torch.arange(T, device=device), torch.zeros(R, dtype=torch.long,
                                                                                           device=device), layers)
-    return exits.float(), model.output(final).float() if logits else None
+    return exits.float(), model.logits(final).float() if logits else None
 
 
 def progress_bar(show: bool):
@@ -259,7 +264,7 @@ def readout_logits(model: Transformer, h: Tensor, lens: tuple[Tensor, Tensor] | 
     if lens is not None:
         h = F.linear(h, lens[0].to(h.device, h.dtype), lens[1].to(h.device, h.dtype))
     h = model.final_hidden(h.to(model.dtype))
-    return (model.output(h) if head is None else F.linear(h, head)).float()
+    return (model.logits(h) if head is None else softcapped(F.linear(h, head), model.config.final_softcap)).float()
 
 
 def layer_stats(model: Transformer, dev_h: Tensor, dev_logits: Tensor, targets: Tensor, layers: tuple[int, ...],
@@ -306,7 +311,8 @@ def fit_lens(engine, data: list[str | Path], layers: tuple[int, ...], max_tokens
     `refine_steps`, refine them by the tuned-lens objective. Returns tensors, statistics and the fit's facts."""
     model, t0 = engine.model, time.perf_counter()
     n, C = model.config.n_layers, model.config.dim
-    fit_rows, dev = split_dev(token_rows(engine.tokenizer, read_texts(data), max_tokens + DEV_TOKENS))
+    fit_rows, dev = split_dev(token_rows(engine.tokenizer, read_texts(data), max_tokens + DEV_TOKENS,
+                                         row_length(model)))
     wanted = tuple(sorted(set(layers) | {n}))  # h[N] is the target
     xtx = torch.zeros(len(wanted), C + 1, C + 1, dtype=torch.float64)
     xty = torch.zeros(len(wanted), C + 1, C, dtype=torch.float64)
@@ -397,7 +403,7 @@ def train_heads(engine, data: list[str | Path], layers: tuple[int, ...], out: st
     `save_every` steps) when it holds the same run; a resumed run equals an uninterrupted one."""
     model, out = engine.model, Path(out)
     t0 = time.perf_counter()
-    rows = token_rows(engine.tokenizer, read_texts(data), max_tokens, seq_len=min(SEQ_LEN, tokens_per_step))
+    rows = token_rows(engine.tokenizer, read_texts(data), max_tokens, seq_len=min(row_length(model), tokens_per_step))
     plan = batches(rows, tokens_per_step)
     steps = len(plan) if steps is None else steps
     run = {"layers": list(layers), "tokens": rows.numel(), "tokens_per_step": tokens_per_step, "lr": lr,
@@ -417,8 +423,9 @@ def train_heads(engine, data: list[str | Path], layers: tuple[int, ...], out: st
             normed, targets = normed.clone(), batch[:, 1:].reshape(-1).to(head.device)
             with torch.enable_grad():
                 opt.zero_grad()
-                loss = sum(F.cross_entropy(normed[i].reshape(-1, normed.shape[-1]) @ weights[j].t(), targets)
-                           for i, j in enumerate(layers)) / len(layers)
+                cap = model.config.final_softcap  # trained through the soft-capping decoding applies
+                loss = sum(F.cross_entropy(softcapped(normed[i].reshape(-1, normed.shape[-1]) @ weights[j].t(), cap),
+                                           targets) for i, j in enumerate(layers)) / len(layers)
                 loss.backward()
                 opt.step()
             losses.append(round(loss.item(), 5))

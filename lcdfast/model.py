@@ -29,15 +29,19 @@ class ModelConfig:
     head_dim: int = 0  # 0 -> dim // n_heads
     hidden_dim: int = 0  # feed-forward width; 0 -> 4 * dim
     embed_dim: int = 0  # E: OPT's word_embed_proj_dim; 0 -> dim
-    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    norm: str = "rmsnorm"  # "rmsnorm" | "rmsnorm1p" (Gemma: scaled by 1 + weight, in float32) | "layernorm"
     norm_eps: float = 1e-5
     pre_norm: bool = True  # False: OPT-350m style post-LN blocks
+    sandwich_norm: bool = False  # Gemma 2/3: a norm also after attention and after the MLP, before each residual add
     final_norm: bool = True
     activation: str = "silu"  # "silu" | "gelu_tanh" | "gelu" (erf) | "relu"
     gated_mlp: bool = True  # SwiGLU: w2(act(w1 x) * w3 x)
     attn_bias: bool = False  # q, k, v and output projections
     attn_out_bias: bool | None = None  # the output projection's; None -> attn_bias (Qwen2: q, k and v only)
-    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k before rotary
+    qk_norm: bool = False  # Qwen3, Gemma 3: a norm (the model's kind) over each head's q and k before rotary
+    attn_softcap: float = 0.0  # Gemma 2: attention scores -> cap * tanh(scores / cap) before the mask; 0: none
+    final_softcap: float = 0.0  # Gemma 2: every head's logits (the final layer's and early exits') likewise
+    embed_scale: float = 0.0  # Gemma: token embeddings times this (sqrt(dim)) in the model's dtype; 0: 1
     parallel_residual: bool = False  # GPT-NeoX: x + attn(norm1(x)) + mlp(norm2(x)), both read the block's input
     mlp_bias: bool = False
     positions: str = "rotary"  # "rotary" | "learned"
@@ -45,6 +49,7 @@ class ModelConfig:
     position_offset: int = 0  # OPT: 2
     rope_theta: float = 10000.0
     rotary_dim: int = 0  # the leading dims of each head that rotate (GPT-NeoX's rotary_pct); 0 -> head_dim
+    local_rope_theta: float = 0.0  # Gemma 3: the rotary base of windowed layers (no rope_scaling); 0: rope_theta
     rope_scaling: dict | None = None
     attention_window: int = 0  # Mistral's sliding_window: a query sees the last W positions, itself included; 0: all
     layer_windows: list[int] = field(default_factory=list)  # per layer (GPT-Neo's local layers); [] -> attention_window
@@ -66,11 +71,13 @@ class ModelConfig:
         self.attn_scale = self.attn_scale or (self.head_dim ** -0.5 if self.head_dim else 1.0)
 
 
-def rope_frequencies(cfg: ModelConfig) -> Tensor:
-    """Inverse frequencies [R/2] (R = rotary_dim), with llama3 or linear `rope_scaling` applied."""
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> Tensor:
+    """Inverse frequencies [R/2] (R = rotary_dim), with llama3 or linear `rope_scaling` applied; `local`: those of
+    Gemma 3's windowed layers (local_rope_theta, unscaled)."""
     R = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float64) / R))
-    scaling = cfg.rope_scaling or {}
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, R, 2, dtype=torch.float64) / R))
+    scaling = {} if local else cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -122,19 +129,28 @@ class KVCache(nn.Module):
 def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(width, eps=cfg.norm_eps)
-    return RMSNorm(width, cfg.norm_eps)
+    return RMSNorm(width, cfg.norm_eps, one_plus=cfg.norm == "rmsnorm1p")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, width: int, eps: float) -> None:
+    """x / rms(x) * weight; `one_plus` (Gemma): * (1 + weight), the product in float32 before the cast back."""
+
+    def __init__(self, width: int, eps: float, one_plus: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(width))
+        self.eps, self.one_plus = eps, one_plus
+        self.weight = nn.Parameter(torch.zeros(width) if one_plus else torch.ones(width))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.one_plus:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
+
+
+def softcapped(x: Tensor, cap: float) -> Tensor:
+    """cap * tanh(x / cap) (Gemma 2's soft-capping); x itself when cap is 0."""
+    return torch.tanh(x / cap) * cap if cap else x
 
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -219,19 +235,19 @@ class QuantLinear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float = 0.0) -> Tensor:
     """Attention of q [B, H, T, D] over the cache k, v [B, K, P, D] where mask [B, 1, T, P], the scores times
-    `scale`: [B, H, T, D].
+    `scale` (and soft-capped by `softcap`): [B, H, T, D].
 
     Under torch.compile on CPU, written out so inductor fuses it into the step (a decode step's 30 SDPA calls
-    cost more in call overhead than in arithmetic); else SDPA."""
-    if not (torch.compiler.is_compiling() and q.device.type == "cpu"):
+    cost more in call overhead than in arithmetic); else SDPA, which has no soft-capping."""
+    if not softcap and not (torch.compiler.is_compiling() and q.device.type == "cpu"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
                                               scale=scale)
     B, H, T, D = q.shape
     K = k.shape[1]
     q = q.reshape(B, K, H // K, T, 1, D)  # query heads grouped by their kv head
-    scores = (q * k[:, :, None, None]).sum(-1) * scale  # [B, K, G, T, P]
+    scores = softcapped((q * k[:, :, None, None]).sum(-1) * scale, softcap)  # [B, K, G, T, P]
     probs = scores.masked_fill(~mask[:, :, None], -math.inf).softmax(-1)
     return (probs[..., None] * v[:, :, None, None]).sum(-2).reshape(B, H, T, D)
 
@@ -240,12 +256,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.rotary_dim, self.scale = cfg.rotary_dim, cfg.attn_scale
+        self.rotary_dim, self.scale, self.softcap = cfg.rotary_dim, cfg.attn_scale, cfg.attn_softcap
         qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         self.wqkv = Linear(cfg.dim, qkv_width, bias=cfg.attn_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_out_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor, slots: Tensor) -> Tensor:
@@ -260,7 +276,7 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(slots, qkv[:, :, H:])  # [B, K, S, D]
         q = qkv[:, :, :H].transpose(1, 2)  # [B, H, T, D]
         n_slots = mask.shape[-1]  # P <= S slots attended
-        y = attend(q, k[:, :, :n_slots], v[:, :, :n_slots], mask, self.scale)  # [B, H, T, D]
+        y = attend(q, k[:, :, :n_slots], v[:, :, :n_slots], mask, self.scale, self.softcap)  # [B, H, T, D]
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, C]
 
 
@@ -287,8 +303,13 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = make_norm(cfg, cfg.dim)
         self.feed_forward = FeedForward(cfg)
+        self.post_attention_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else None
+        self.post_ffn_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else None
 
     def forward(self, x: Tensor, rope, mask: Tensor, slots: Tensor) -> Tensor:
+        if self.post_attention_norm is not None:
+            x = x + self.post_attention_norm(self.attention(self.attention_norm(x), rope, mask, slots))
+            return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
         if self.parallel_residual:
             return x + self.attention(self.attention_norm(x), rope, mask, slots) + self.feed_forward(self.ffn_norm(x))
         if self.pre_norm:
@@ -346,15 +367,16 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
         if cfg.positions == "rotary":
-            angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(cfg))
-            angles = torch.cat((angles, angles), dim=-1).to(device)  # [S, R]
-            sign = torch.ones(cfg.rotary_dim, device=device)
-            sign[: cfg.rotary_dim // 2] = -1  # rotate_half's negated half, folded into the sines
-            still = cfg.head_dim - cfg.rotary_dim  # dims past R keep their values: cos 1, sin 0
-            cos = F.pad(angles.cos(), (0, still), value=1.0)  # [S, D]
-            sin = F.pad(angles.sin() * sign, (0, still), value=0.0)
-            self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
-            self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+            for suffix, local in [("", False)] + ([("_local", True)] if cfg.local_rope_theta else []):
+                angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(cfg, local))
+                angles = torch.cat((angles, angles), dim=-1).to(device)  # [S, R]
+                sign = torch.ones(cfg.rotary_dim, device=device)
+                sign[: cfg.rotary_dim // 2] = -1  # rotate_half's negated half, folded into the sines
+                still = cfg.head_dim - cfg.rotary_dim  # dims past R keep their values: cos 1, sin 0
+                cos = F.pad(angles.cos(), (0, still), value=1.0)  # [S, D]
+                sin = F.pad(angles.sin() * sign, (0, still), value=0.0)
+                self.register_buffer("rope_cos" + suffix, cos.to(dtype), persistent=False)
+                self.register_buffer("rope_sin" + suffix, sin.to(dtype), persistent=False)
 
     def forward(
         self, tokens: Tensor, slots: Tensor, pad: Tensor, exit_layers: tuple[int, ...] = (), span: Tensor | None = None
@@ -370,29 +392,34 @@ class Transformer(nn.Module):
         masks = {w: self.attention_mask(slots, pad, span, w) for w in sorted(set(self.config.layer_windows))}
         table = self.output if self.tok_embeddings is None else self.tok_embeddings  # tied: the head's rows
         x = weight_rows(table.weight, tokens, self.dtype)  # [B, T, E]; quantized rows dequantized alone
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)  # rounded to the dtype first, as Gemma's
         if self.project_in is not None:
             x = self.project_in(x)  # [B, T, C]
-        rope = None
+        ropes = {False: None, True: None}  # by whether the layer is windowed (Gemma 3's local base)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(positions.clamp(min=0) + self.config.position_offset)
         else:
-            rope = self.rope_tables(positions.clamp(min=0))
+            ropes[False] = ropes[True] = self.rope_tables(positions.clamp(min=0))
+            if self.config.local_rope_theta:
+                ropes[True] = self.rope_tables(positions.clamp(min=0), local=True)
         exits = []
         if 0 in exit_layers:
             exits.append(x)
         for i, (layer, window) in enumerate(zip(self.layers, self.config.layer_windows), start=1):
-            x = layer(x, rope, masks[window], slots)
+            x = layer(x, ropes[window > 0], masks[window], slots)
             if i in exit_layers:
                 exits.append(x)
         return self.final_hidden(x), torch.stack(exits) if exits else None
 
-    def rope_tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rope_tables(self, positions: Tensor, local: bool = False) -> tuple[Tensor, Tensor]:
         """cos, sin [B, T, H + 2K, D] at `positions` [B, T] for apply_rotary over q, k and v at once: the value
-        heads get cos 1, sin 0 (unchanged)."""
+        heads get cos 1, sin 0 (unchanged). `local`: Gemma 3's windowed layers' tables."""
         cfg = self.config
         rotated = (torch.arange(cfg.n_heads + 2 * cfg.n_kv_heads, device=positions.device)
                    < cfg.n_heads + cfg.n_kv_heads)[:, None]  # [H + 2K, 1]
-        cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # [B, T, 1, D]
+        cos, sin = (self.rope_cos_local, self.rope_sin_local) if local else (self.rope_cos, self.rope_sin)
+        cos, sin = cos[positions][:, :, None], sin[positions][:, :, None]  # [B, T, 1, D]
         return torch.where(rotated, cos, 1.0), torch.where(rotated, sin, 0.0)
 
     def attention_mask(self, slots: Tensor, pad: Tensor, span: Tensor | None = None, window: int = 0) -> Tensor:
@@ -405,6 +432,11 @@ class Transformer(nn.Module):
         not_pad = cache_slots[None, :] >= pad[:, None]  # [B, P]
         mask = causal[None] & (not_pad[:, None] | (cache_slots[None, :] == slots[:, None])[None])
         return mask[:, None]
+
+    def logits(self, h: Tensor, capped: bool = True) -> Tensor:
+        """The head's logits [..., V] from a hidden state [..., E], soft-capped where the model caps; `capped`
+        False: the bare head (DoLa's readout of an un-normed stream, as transformers computes it)."""
+        return softcapped(self.output(h), self.config.final_softcap if capped else 0.0)
 
     def final_hidden(self, h: Tensor) -> Tensor:
         """Final norm then OPT's project_out: [..., C] -> [..., E]."""

@@ -36,10 +36,23 @@ TINY = {
                                               tie_word_embeddings=True, rotary_emb_base=500.0)),
     "gpt-neo": ("gpt_neo", dict(hidden_size=64, num_layers=4, num_heads=4, window_size=5,
                                 attention_types=[[["global", "local"], 2]])),
+    "gemma": ("gemma", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=24)),
+    "gemma2-softcap": ("gemma2", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=20,
+                                      attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3-untied": ("gemma3_text", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=5,
+                                          sliding_window_pattern=2, rope_theta=1e5, rope_local_base_freq=100.0,
+                                          rope_scaling={"rope_type": "linear", "factor": 2.0},
+                                          tie_word_embeddings=False)),
     "opt-350m-style": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                                    word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=256)),
 }
 VOCAB = 320
+CONFIG_CLASSES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "gpt_neox": "GPTNeoXConfig",
+                  "gpt_neo": "GPTNeoConfig", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+                  "gemma3_text": "Gemma3TextConfig"}
 TEXT = ("The quick brown fox jumps over the lazy dog. Layers improve gradually, layer by layer. "
         "Contrastive decoding scores tokens by how much the expert improves on the amateur. 0123456789 ")
 
@@ -78,11 +91,11 @@ def build_tiny(kind: str, out_dir: Path, seed: int = 0):
     elif family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **extra)
         model = transformers.GPT2LMHeadModel(cfg)
-    elif family in ("qwen2", "qwen3", "gpt_neox", "gpt_neo"):
-        config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                        "gpt_neox": transformers.GPTNeoXConfig, "gpt_neo": transformers.GPTNeoConfig}[family]
+    elif family in CONFIG_CLASSES:
+        config_class = getattr(transformers, CONFIG_CLASSES[family])
         cfg = config_class(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **extra)
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        # eager: transformers' SDPA attention skips Gemma 2's soft-capping
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     else:
         cfg = transformers.OPTConfig(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
         model = transformers.OPTForCausalLM(cfg)

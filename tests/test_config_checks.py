@@ -32,6 +32,10 @@ BASE = {  # full config.json objects as transformers writes them (every default 
     **{family: config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
        for family, config_class in (("qwen2", transformers.Qwen2Config), ("qwen3", transformers.Qwen3Config))},
+    **{family: getattr(transformers, name)(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1,
+                                           eos_token_id=2)
+       for family, name in (("gemma", "GemmaConfig"), ("gemma2", "Gemma2Config"), ("gemma3_text", "Gemma3TextConfig"))},
     "gpt_neo": transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
                                          attention_types=[[["global", "local"], 1]], bos_token_id=1, eos_token_id=2),
     "gpt_neox": transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -76,6 +80,11 @@ BAD_VALUES = [  # (family, key, value, what the message must name)
       ],
     ("gpt_neo", "window_size", 0, "window_size"), ("gpt_neo", "num_heads", 3, "does not split into 3"),
     ("gpt_neo", "activation_function", "relu", "activation_function"),
+    ("gemma", "hidden_act", "silu", "hidden_act"), ("gemma2", "hidden_activation", "relu", "hidden_activation"),
+    *[("gemma2", key, v, key) for key in ("attn_logit_softcapping", "final_logit_softcapping") for v in (0, NAN, "30")],
+    ("gemma2", "query_pre_attn_scalar", 0, "query_pre_attn_scalar"), ("gemma2", "sliding_window", 0, "sliding_window"),
+    ("gemma3_text", "sliding_window_pattern", 0, "sliding_window_pattern"),
+    ("gemma3_text", "rope_local_base_freq", NAN, "rope_local_base_freq"),
 ]
 
 

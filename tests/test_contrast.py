@@ -67,7 +67,8 @@ def test_plausible_mask_keeps_min_tokens():
                                          ("gpt2", [0, 2, 3, 4]), ("llama-tied-gqa", [1, 3]), ("qwen2-untied", "high"),
                                          ("qwen3-untied", "low"), ("qwen3-tied-bias", [0, 2]),
                                          ("neox-parallel", "high"), ("neox-sequential-tied", [1, 2]),
-                                         ("gpt-neo", "low")])
+                                         ("gpt-neo", "low"), ("gemma", "high"), ("gemma2-softcap", [0, 2]),
+                                         ("gemma3-untied", "low")])
 def test_dola_greedy_matches_transformers(kind, layers, tiny_dir):
     path, hf = tiny_dir(kind)
     model = load_model(path)

@@ -139,7 +139,7 @@ def test_acd_through_a_lens_equals_the_reference_fed_the_lens_logits(tiny_dir, l
     model.setup_caches(1, len(ids))
     with torch.inference_mode():
         final, exits = model(torch.tensor([ids]), torch.arange(len(ids)), torch.zeros(1, dtype=torch.long), (layer,))
-        expert = model.output(final[0]).float()  # [T, V]
+        expert = model.logits(final[0]).float()  # [T, V]
         weight, bias = engine.exit_heads.lens[layer]
         # the lens logits by hand, in float64: A h + b, the final RMSNorm, the shared head
         h = exits[0, 0].double() @ weight.double().T + bias.double()
@@ -364,3 +364,38 @@ def test_eval_with_lens_specs_end_to_end(tiny_dir, lens_file, tmp_path):
     assert rows[f"acd:auto@{out}"]["options"]["amateur_layer"] == auto  # the layer it chose, run once
     assert rows[f"acd:auto@{out}"]["rep-2"] == rows[f"acd:{auto}@{out}"]["rep-2"]
     assert rows[f"dola:low@{out}"]["new_tokens"] > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen3-untied", "neox-parallel", "gpt-neo", "gemma2-softcap", "gemma3-untied"])
+def test_lenses_trained_heads_and_acd_on_every_family(kind, tiny_dir, data_file, tmp_path):
+    """A lens and trained heads for each family: the last layer's lens is the identity, the heads' loss falls, and
+    ACD through either (the masked candidates path too, soft-capped on Gemma 2) equals the float64 reference fed
+    the exit logits that layer_logits reports."""
+    path, _ = tiny_dir(kind)
+    engine = lcdfast.load(path, compile=False)
+    model, n, layer = engine.model, engine.n_layers, 1
+    fit = heads.fit_lens(engine, [data_file], (layer, n), max_tokens=1500, progress=False)
+    assert torch.allclose(fit["tensors"][f"lens.{n}.weight"], torch.eye(model.config.dim), atol=1e-4)
+    files = [heads.save_exit_heads(tmp_path / "lens.safetensors", model, "lens", fit["tensors"], fit["info"])]
+    trained = heads.train_heads(engine, [data_file], (layer,), tmp_path / "heads.safetensors", steps=4,
+                                max_tokens=1200, tokens_per_step=256, lr=1e-2, progress=False)
+    assert trained["losses"][-1] < trained["losses"][0]
+    files.append(tmp_path / "heads.safetensors")
+    ids = engine.tokenizer.encode("The quick brown fox jumps over")
+    for file in files:
+        engine.set_exit_heads(file)
+        amateur = engine.layer_logits(ids, [layer])[0, 0]  # [T, V], through the file
+        model.setup_caches(1, len(ids))
+        with torch.inference_mode():
+            final, exits = model(torch.tensor([ids]), torch.arange(len(ids)), torch.zeros(1, dtype=torch.long),
+                                 (layer,))
+            expert = model.logits(final[0]).float()
+            for candidates in (0, 8):
+                dc = DecodeConfig("acd", exit_layers=(layer,), head_candidates=candidates, alpha=0.05)
+                ours = contrast_scores(model, final[0], exits[:, 0], None, engine._readout((layer,), str(file)), dc)[0]
+                ref = acd_reference(expert.double(), amateur.double(), 0.05, 1)
+                assert torch.allclose(ours.double(), ref, atol=1e-4), (kind, file.name, candidates)
+        out = engine.generate("The quick", method="acd", amateur_layer=layer, max_new_tokens=6)[0]
+        assert len(out.token_ids) == 6
+    if model.config.final_softcap:  # exits read through the norm are capped like the final layer's
+        assert amateur.abs().max() <= model.config.final_softcap

@@ -35,7 +35,7 @@ def test_hidden_states_and_logits_match_transformers(kind, tiny_dir):
         err = (hidden[i] - ref.hidden_states[i]).abs().max().item()
         assert err < 1e-4, f"{kind}: hidden state {i} differs by {err}"
     assert (final - ref.hidden_states[n]).abs().max().item() < 1e-4, f"{kind}: final hidden state"
-    err = (model.output(final) - ref.logits).abs().max().item()
+    err = (model.logits(final) - ref.logits).abs().max().item()
     assert err < 1e-4, f"{kind}: logits differ by {err}"
 
 
@@ -73,7 +73,7 @@ def test_greedy_tokens_match_transformers(kind, penalty, tiny_dir):
 
 
 @pytest.mark.parametrize("kind", ["llama-tied-gqa", "gpt2", "opt-350m-style", "qwen3-untied", "neox-parallel",
-                                  "gpt-neo"])
+                                  "gpt-neo", "gemma2-softcap", "gemma3-untied"])
 @pytest.mark.parametrize("dc", [DecodeConfig(), DecodeConfig(repetition_penalty=1.2),
                                 DecodeConfig(method="sample", do_sample=True, temperature=0.9, top_k=40, top_p=0.9)])
 def test_batched_equals_one_by_one(kind, dc, tiny_dir):
@@ -137,7 +137,7 @@ def test_low_precision_close_to_float32(dtype, tiny_dir):
     outs = []
     for m in (ref, low):
         m.setup_caches(1, 16)
-        outs.append(m.output(m(ids, torch.arange(9), torch.zeros(1, dtype=torch.long))[0]).float())
+        outs.append(m.logits(m(ids, torch.arange(9), torch.zeros(1, dtype=torch.long))[0]).float())
     assert low.output.weight.dtype == getattr(torch, dtype)
     assert (outs[0] - outs[1]).abs().max() < 0.1 * outs[0].abs().max()
 
@@ -198,7 +198,7 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
     final, _ = model(ids, torch.arange(15), torch.zeros(2, dtype=torch.long))
     with torch.no_grad():
         ref = hf.eval()(ids).logits
-    assert (model.output(final) - ref).abs().max().item() < 1e-4
+    assert (model.logits(final) - ref).abs().max().item() < 1e-4
     prompt = ids[:1, :9]
     ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
                       eos_token_id=None, pad_token_id=0)[0, 9:].tolist()

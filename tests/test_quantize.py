@@ -90,7 +90,7 @@ def float_twin(path, qmodel):
 def forward(model, ids, layers=()):
     model.setup_caches(ids.shape[0], 32)
     final, exits = model(ids, torch.arange(ids.shape[1]), torch.zeros(ids.shape[0], dtype=torch.long), layers)
-    return model.output(final), exits
+    return model.logits(final), exits
 
 
 @pytest.mark.parametrize("kind", list(TINY))
