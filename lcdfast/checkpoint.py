@@ -226,6 +226,18 @@ def qwen_config(c: Checked) -> ModelConfig:
                                attn_out_bias=bias and qwen3, qk_norm=qwen3)
 
 
+def phi3_config(c: Checked) -> ModelConfig:
+    """Phi-3 (and Phi-4-mini): the LLaMA block with fused qkv_proj and gate_up_proj, a sliding_window over every
+    layer, rotary over the first partial_rotary_factor of each head; longrope scaling is refused."""
+    cfg = llama_config(c, family="phi3")
+    rotary = int(cfg.head_dim * c.number("partial_rotary_factor", 1.0, (0.0, 1.0)))
+    if rotary < 2 or rotary % 2:
+        raise LcdError(f"{c.path}: partial_rotary_factor {c.hf.get('partial_rotary_factor')} rotates {rotary} of each "
+                       f"head's {cfg.head_dim} dims; lcdfast needs an even number >= 2")
+    window = c.size("sliding_window", "attention_window", 0, low=0)
+    return dataclasses.replace(cfg, rotary_dim=rotary, attention_window=window, layer_windows=[window] * cfg.n_layers)
+
+
 GELU = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}  # transformers' names -> ours
 
 
@@ -269,7 +281,7 @@ def gemma_config(c: Checked) -> ModelConfig:
 
 FAMILIES = {"gpt2": gpt2_config, "gpt_neo": gpt_neo_config, "opt": opt_config, "gpt_neox": neox_config,
             "llama": llama_config, "mistral": llama_config, "qwen2": qwen_config, "qwen3": qwen_config,
-            "gemma": gemma_config, "gemma2": gemma_config, "gemma3_text": gemma_config}
+            "gemma": gemma_config, "gemma2": gemma_config, "gemma3_text": gemma_config, "phi3": phi3_config}
 
 
 def model_config(hf: dict, path: Path | str = "config.json") -> ModelConfig:
@@ -390,6 +402,16 @@ def per_head_qkv(cfg: ModelConfig, tensor: Tensor) -> Tensor:
     return tensor.view(cfg.n_heads, 3, cfg.head_dim, -1).transpose(0, 1).reshape(tensor.shape)
 
 
+def phi3_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
+    """LLaMA's names with q, k, v and gate, up each stored fused, in our order."""
+    names = llama_names(cfg)
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"layers.{i}."
+        names[ours + "attention.wqkv.weight"] = ([hf + "self_attn.qkv_proj.weight"], False)
+        names[ours + "feed_forward.w13.weight"] = ([hf + "mlp.gate_up_proj.weight"], False)
+    return names
+
+
 def gemma_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
     """LLaMA's names; Gemma 2/3's post_attention_layernorm follows attention, and pre_feedforward_layernorm is the
     norm before the MLP."""
@@ -407,7 +429,7 @@ def gemma_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
 IGNORED = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 NAME_TABLES = {"gpt2": gpt2_names, "gpt_neo": gpt_neo_names, "opt": opt_names, "gpt_neox": neox_names,
                "llama": llama_names, "qwen2": llama_names, "qwen3": llama_names, "gemma": gemma_names,
-               "gemma2": gemma_names, "gemma3_text": gemma_names}
+               "gemma2": gemma_names, "gemma3_text": gemma_names, "phi3": phi3_names}
 BODY_PREFIXES = {"gpt2": ("transformer.", ""), "gpt_neo": ("transformer.", ""), "gpt_neox": ("gpt_neox.", ""),
                  "opt": ("model.decoder.", "decoder.", "")}  # the others: ("model.", "")
 HEAD_NAMES = {"gpt_neox": "embed_out.weight"}  # the untied head's checkpoint name (no prefix); else lm_head.weight

@@ -46,13 +46,18 @@ TINY = {
                                           sliding_window_pattern=2, rope_theta=1e5, rope_local_base_freq=100.0,
                                           rope_scaling={"rope_type": "linear", "factor": 2.0},
                                           tie_word_embeddings=False)),
+    "phi3-window": ("phi3", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, sliding_window=6, pad_token_id=0)),
+    "phi3-partial-tied": ("phi3", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                                       pad_token_id=0)),
     "opt-350m-style": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                                    word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=256)),
 }
 VOCAB = 320
 CONFIG_CLASSES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "gpt_neox": "GPTNeoXConfig",
                   "gpt_neo": "GPTNeoConfig", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
-                  "gemma3_text": "Gemma3TextConfig"}
+                  "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config"}
 TEXT = ("The quick brown fox jumps over the lazy dog. Layers improve gradually, layer by layer. "
         "Contrastive decoding scores tokens by how much the expert improves on the amateur. 0123456789 ")
 

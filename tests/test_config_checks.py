@@ -36,6 +36,8 @@ BASE = {  # full config.json objects as transformers writes them (every default 
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1,
                                            eos_token_id=2)
        for family, name in (("gemma", "GemmaConfig"), ("gemma2", "Gemma2Config"), ("gemma3_text", "Gemma3TextConfig"))},
+    "phi3": transformers.Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, pad_token_id=0, eos_token_id=2),
     "gpt_neo": transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
                                          attention_types=[[["global", "local"], 1]], bos_token_id=1, eos_token_id=2),
     "gpt_neox": transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -85,6 +87,10 @@ BAD_VALUES = [  # (family, key, value, what the message must name)
     ("gemma2", "query_pre_attn_scalar", 0, "query_pre_attn_scalar"), ("gemma2", "sliding_window", 0, "sliding_window"),
     ("gemma3_text", "sliding_window_pattern", 0, "sliding_window_pattern"),
     ("gemma3_text", "rope_local_base_freq", NAN, "rope_local_base_freq"),
+    *[("phi3", "partial_rotary_factor", v, "partial_rotary_factor") for v in (0, 0.01, NAN, 2.0)],
+    ("phi3", "sliding_window", -1, "sliding_window"),
+    ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
+     "rope_scaling type 'longrope' unsupported"),
 ]
 
 

@@ -68,7 +68,7 @@ def test_plausible_mask_keeps_min_tokens():
                                          ("qwen3-untied", "low"), ("qwen3-tied-bias", [0, 2]),
                                          ("neox-parallel", "high"), ("neox-sequential-tied", [1, 2]),
                                          ("gpt-neo", "low"), ("gemma", "high"), ("gemma2-softcap", [0, 2]),
-                                         ("gemma3-untied", "low")])
+                                         ("gemma3-untied", "low"), ("phi3-window", [1, 2]), ("phi3-partial-tied", [1])])
 def test_dola_greedy_matches_transformers(kind, layers, tiny_dir):
     path, hf = tiny_dir(kind)
     model = load_model(path)

@@ -366,7 +366,8 @@ def test_eval_with_lens_specs_end_to_end(tiny_dir, lens_file, tmp_path):
     assert rows[f"dola:low@{out}"]["new_tokens"] > 0
 
 
-@pytest.mark.parametrize("kind", ["qwen3-untied", "neox-parallel", "gpt-neo", "gemma2-softcap", "gemma3-untied"])
+@pytest.mark.parametrize("kind", ["qwen3-untied", "neox-parallel", "gpt-neo", "gemma2-softcap", "gemma3-untied",
+                                  "phi3-window"])
 def test_lenses_trained_heads_and_acd_on_every_family(kind, tiny_dir, data_file, tmp_path):
     """A lens and trained heads for each family: the last layer's lens is the identity, the heads' loss falls, and
     ACD through either (the masked candidates path too, soft-capped on Gemma 2) equals the float64 reference fed
