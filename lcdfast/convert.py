@@ -56,8 +56,9 @@ LAYER_NAMES = {  # blk.{i}.<gguf> -> model.layers.{i}.<hf>
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -225,49 +226,53 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def read_config(reader, path: Path) -> dict:
-    """config.json for LlamaForCausalLM from the GGUF metadata, every value checked for its type and range."""
+    """config.json for a LLaMA, Qwen2 or Qwen3 from the GGUF metadata, every value checked for its type and range.
+    The file's `{arch}.` keys, tensors and, for LLaMA only, llama.cpp's permuted Q/K rows (it keeps Qwen's as HF)."""
     arch = _field(reader, path, "general.architecture", "str")
-    if arch != "llama":
-        raise LcdError(f"{path}: general.architecture is '{arch}', only 'llama' is supported")
+    if arch not in ARCHITECTURES:
+        raise LcdError(f"{path}: general.architecture is '{arch}', only {', '.join(ARCHITECTURES)} are supported")
     tok_model = _field(reader, path, "tokenizer.ggml.model", "str")
     if tok_model != "gpt2":
         raise LcdError(f"{path}: tokenizer.ggml.model is '{tok_model}', only 'gpt2' (byte-level BPE) is supported")
-    size = lambda key, *default, high=MAX_SIZE: _size(reader, path, f"llama.{key}", high, *default)
+    size = lambda key, *default, high=MAX_SIZE: _size(reader, path, f"{arch}.{key}", high, *default)
     dim, n_heads = size("embedding_length"), size("attention.head_count")
     n_kv, head_dim = size("attention.head_count_kv", n_heads), size("attention.key_length", max(dim // n_heads, 1))
     if n_heads % n_kv or head_dim % 2:
-        raise LcdError(f"{path}: llama.attention.head_count {n_heads}, head_count_kv {n_kv} and key_length "
+        raise LcdError(f"{path}: {arch}.attention.head_count {n_heads}, head_count_kv {n_kv} and key_length "
                        f"{head_dim}: expected head_count a multiple of head_count_kv and an even key_length")
     if size("rope.dimension_count", head_dim) != head_dim:
-        raise LcdError(f"{path}: llama.rope.dimension_count is {size('rope.dimension_count')}, "
+        raise LcdError(f"{path}: {arch}.rope.dimension_count is {size('rope.dimension_count')}, "
                        f"only full rotary (= head_dim {head_dim}) is supported")
     rope_scaling = None
-    scaling = _field(reader, path, "llama.rope.scaling.type", "str", "none")
+    scaling = _field(reader, path, f"{arch}.rope.scaling.type", "str", "none")
     if scaling == "linear":
-        factor = _real(reader, path, "llama.rope.scaling.factor", (1.0, FACTOR[1]))  # 1e-300: infinite angles
+        factor = _real(reader, path, f"{arch}.rope.scaling.factor", (1.0, FACTOR[1]))  # 1e-300: infinite angles
         rope_scaling = {"rope_type": "linear", "factor": factor}
     elif scaling != "none":
-        raise LcdError(f"{path}: llama.rope.scaling.type is '{scaling}', only none or linear is supported")
+        raise LcdError(f"{path}: {arch}.rope.scaling.type is '{scaling}', only none or linear is supported")
     n_layers = size("block_count", high=MAX_LAYERS)
     layers = {int(m[1]) for t in reader.tensors if (m := re.fullmatch(r"blk\.([0-9]{1,9})\..*", t.name))}
     if layers != set(range(n_layers)):
-        raise LcdError(f"{path}: llama.block_count is {n_layers}, but the file has tensors for {len(layers)} "
+        raise LcdError(f"{path}: {arch}.block_count is {n_layers}, but the file has tensors for {len(layers)} "
                        f"layers ({', '.join(map(str, sorted(layers)[:4]))}{', ...' if len(layers) > 4 else ''})")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise LcdError(f"{path}: no tensor 'token_embd.weight'")
     if len(embd.shape) != 2 or int(embd.shape[0]) != dim:
         raise LcdError(f"{path}: tensor 'token_embd.weight' has GGUF dimensions {embd.shape.tolist()}, expected "
-                       f"[{dim} (llama.embedding_length), vocabulary size]")
+                       f"[{dim} ({arch}.embedding_length), vocabulary size]")
     vocab = int(embd.shape[1])
+    biased = any(t.name.endswith("attn_q.bias") for t in reader.tensors)
+    if biased != (arch == "qwen2"):  # Qwen2 always has q/k/v biases; LLaMA and Qwen3 here none
+        raise LcdError(f"{path}: {arch} {'with' if biased else 'without'} q/k/v biases is not supported")
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
+        "architectures": [ARCHITECTURES[arch]], "model_type": arch, "hidden_size": dim,
         "intermediate_size": size("feed_forward_length"), "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
-        "rms_norm_eps": _real(reader, path, "llama.attention.layer_norm_rms_epsilon", EPS),
-        "rope_theta": _real(reader, path, "llama.rope.freq_base", THETA, default=10000.0),
+        "rms_norm_eps": _real(reader, path, f"{arch}.attention.layer_norm_rms_epsilon", EPS),
+        "rope_theta": _real(reader, path, f"{arch}.rope.freq_base", THETA, default=10000.0),
         "rope_scaling": rope_scaling, "max_position_embeddings": size("context_length", high=MAX_CONTEXT),
-        "vocab_size": vocab, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "vocab_size": vocab, "hidden_act": "silu", "attention_bias": biased, "mlp_bias": False,
         "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
         "bos_token_id": _token_id(reader, path, "bos", vocab), "eos_token_id": _token_id(reader, path, "eos", vocab),
         "pad_token_id": _token_id(reader, path, "padding", vocab), "torch_dtype": "float32",
@@ -277,12 +282,17 @@ def read_config(reader, path: Path) -> dict:
 def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     E, F, D = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
-    per_layer = {"input_layernorm": (E,), "post_attention_layernorm": (E,), "self_attn.q_proj": (q, E),
-                 "self_attn.k_proj": (kv, E), "self_attn.v_proj": (kv, E), "self_attn.o_proj": (E, q),
-                 "mlp.gate_proj": (F, E), "mlp.up_proj": (F, E), "mlp.down_proj": (E, F)}
+    per_layer = {"input_layernorm.weight": (E,), "post_attention_layernorm.weight": (E,),
+                 "self_attn.q_proj.weight": (q, E), "self_attn.k_proj.weight": (kv, E),
+                 "self_attn.v_proj.weight": (kv, E), "self_attn.o_proj.weight": (E, q), "mlp.gate_proj.weight": (F, E),
+                 "mlp.up_proj.weight": (F, E), "mlp.down_proj.weight": (E, F)}
+    if cfg["attention_bias"]:
+        per_layer.update({f"self_attn.{p}_proj.bias": (q if p == "q" else kv,) for p in "qkv"})
+    if cfg["model_type"] == "qwen3":
+        per_layer.update({"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)})
     shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], E), "model.norm.weight": (E,)}
     for i in range(cfg["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{k}.weight": s for k, s in per_layer.items()})
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (cfg["vocab_size"], E)
     return shapes
@@ -299,7 +309,8 @@ def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, tor
     for t in bar:
         name = hf_name(t.name)
         if name not in shapes:
-            raise LcdError(f"{path}: tensor '{t.name}' ({t.tensor_type.name}) is not part of a plain LLaMA")
+            raise LcdError(f"{path}: tensor '{t.name}' ({t.tensor_type.name}) is not part of a plain "
+                           f"{cfg['model_type']}")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if shape != shapes[name]:  # checked before dequantizing: the shape says how much memory that takes
             raise LcdError(f"{path}: tensor '{t.name}' has shape {shape}, expected {shapes[name]}")
@@ -307,9 +318,9 @@ def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, tor
         if not np.isfinite(w).all():
             raise LcdError(f"{path}: tensor '{t.name}' has {int((~np.isfinite(w)).sum())} NaN or infinite values, "
                            f"weights must be finite")
-        if ".q_proj." in name:
+        if cfg["model_type"] == "llama" and ".q_proj." in name:
             w = unpermute(w, cfg["num_attention_heads"])
-        elif ".k_proj." in name:
+        elif cfg["model_type"] == "llama" and ".k_proj." in name:
             w = unpermute(w, cfg["num_key_value_heads"])
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
     missing = sorted(set(shapes) - set(tensors))
@@ -345,7 +356,7 @@ def block_codes(t, path: Path, cfg: dict) -> dict[str, np.ndarray] | None:
         raise LcdError(f"{path}: tensor '{t.name}' has NaN or infinite block scales, weights must be finite")
     name = hf_name(t.name)
     for proj, heads in ((".q_proj.", "num_attention_heads"), (".k_proj.", "num_key_value_heads")):
-        if proj in name:
+        if proj in name and cfg["model_type"] == "llama":
             out = {k: unpermute(v, cfg[heads]) for k, v in out.items()}
     return out
 
@@ -395,15 +406,19 @@ def read_vocab(reader, path: Path, cfg: dict) -> dict:
             "chat_template": _field(reader, path, "tokenizer.chat_template", "str", None)}
 
 
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
+
+
 def build_tokenizer(vocab: dict):
     """tokenizers.Tokenizer: byte-level BPE from the GGUF tokens and merges (read_vocab), control tokens (type 3)
     special, user-defined ones (type 4) added.
 
-    Pre-tokenized with the GPT-2 regex; for tokenizer.ggml.pre = "smollm" (or "starcoder") every digit is split
-    off first, as llama.cpp and SmolLM2's own tokenizer.json do. transformers 4.51's GGUF loader skips that
-    digit step; the two differ only on a whitespace run right before a digit ("a  1": 'ĠĠ','1' here and in
-    SmolLM2, 'Ġ','Ġ','1' in transformers' GGUF tokenizer)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    Pre-tokenized with the GPT-2 regex, or Qwen2's (tokenizer.ggml.pre = "qwen2", after NFC); for "smollm" (or
+    "starcoder") every digit is split off first, as llama.cpp and SmolLM2's own tokenizer.json do. transformers
+    4.51's GGUF loader skips that digit step; the two differ only on a whitespace run right before a digit
+    ("a  1": 'ĠĠ','1' here and in SmolLM2, 'Ġ','Ġ','1' in transformers' GGUF tokenizer)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     tokens, types, ids, unk = vocab["tokens"], vocab["types"], vocab["ids"], vocab["ids"]["unknown"]
     bpe = models.BPE(vocab["vocab"], vocab["merges"], unk_token=None if unk is None else tokens[unk], fuse_unk=True)
@@ -411,6 +426,11 @@ def build_tokenizer(vocab: dict):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if vocab["pre"] in ("smollm", "starcoder"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif vocab["pre"] == "qwen2":  # Qwen2/3's own tokenizer.json: NFC, then its regex, then bytes
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, build_tiny, smollm_gguf
+from conftest import TEXT, VOCAB, build_tiny, smollm_gguf
 
+import lcdfast
 from lcdfast import convert
 from lcdfast.errors import LcdError
 from lcdfast.tokenizer import StreamDecoder, Tokenizer
@@ -235,6 +236,8 @@ def test_tiny_gguf_round_trip(tmp_path):
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
     for i in range(cfg.num_hidden_layers):
         for hf, gg in names.items():
+            if f"model.layers.{i}.{hf}.weight" not in sd:  # Qwen3's q/k norms
+                continue
             w = sd[f"model.layers.{i}.{hf}.weight"]
             heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(gg)
             tensors[f"blk.{i}.{gg}.weight"] = llama_cpp_permute(w, heads) if heads else w
@@ -681,3 +684,62 @@ def test_concurrent_first_runs(tiny_home, monkeypatch):
         t.join(60)
     assert not errors and len(results) == 3 and len(set(results)) == 1 and len(saves) == 3, (errors, results)
     assert convert.cache_problem(results[0]) is None and not list(tiny_home.glob(".*.partial"))
+
+
+@pytest.mark.parametrize("kind", ["qwen2-untied", "qwen3-untied"])
+def test_qwen_gguf_converts_to_the_same_model(kind, tmp_path):
+    """HF tiny Qwen2 (q/k/v biases) / Qwen3 (q/k norms, its own head_dim) -> GGUF as llama.cpp writes them (rows
+    not permuted, `{arch}.` keys, the qwen2 pre-tokenizer) -> convert_gguf -> the same logits, and Qwen2's
+    tokenization (NFC, its split regex)."""
+    import gguf
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf_dir = tmp_path / "hf"
+    model = build_tiny(kind, hf_dir)
+    cfg, sd = model.config, {k: v.numpy() for k, v in model.state_dict().items()}
+    names = {v: k for k, v in convert.LAYER_NAMES.items()}
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
+               "output.weight": sd["lm_head.weight"]}
+    for key, t in sd.items():
+        parts = key.split(".")
+        if parts[:2] == ["model", "layers"]:
+            tensors[f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.{parts[-1]}"] = t
+    arch = kind.split("-")[0]
+    path, w = tmp_path / "tiny.gguf", gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), arch=arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim if arch == "qwen3" else cfg.hidden_size // cfg.num_attention_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
+    w.add_token_list(vocab)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_token_types([3 if t in ("<pad>", "<s>", "</s>") else 1 for t in vocab])
+    w.add_eos_token_id(2)
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    out = convert.convert_gguf(finish_gguf(w, path), tmp_path / "out", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == arch and config["attention_bias"] == (arch == "qwen2")
+    ours = lcdfast.load(out, compile=False)
+    ids = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = ours.layer_logits(ids, [ours.n_layers])[0]
+    assert (got - ref).abs().max() < 1e-4
+
+    qwen = HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))  # the same BPE, Qwen2's normalizer and split
+    qwen.normalizer = normalizers.NFC()
+    qwen.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(convert.QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    for text in (TEXT, "It's  12345 layers\n\n  café cafe\u0301 don'T", " a  1"):
+        assert ours.tokenizer.encode(text) == qwen.encode(text).ids, text
