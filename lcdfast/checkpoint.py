@@ -222,8 +222,10 @@ def qwen_config(c: Checked) -> ModelConfig:
         raise LcdError(f"{c.path}: use_sliding_window=true unsupported (windowed layers past max_window_layers)")
     qwen3 = c.hf.get("model_type") == "qwen3"
     bias = c.flag("attention_bias", False) if qwen3 else True
-    return dataclasses.replace(llama_config(c, family="qwen3" if qwen3 else "qwen2"), attn_bias=bias,
-                               attn_out_bias=bias and qwen3, qk_norm=qwen3)
+    cfg = llama_config(c, family="qwen3" if qwen3 else "qwen2")
+    head_dim = c.size("head_dim", "head_dim", 128) if qwen3 else cfg.head_dim  # Qwen3Config's default: 128
+    return dataclasses.replace(cfg, attn_bias=bias, attn_out_bias=bias and qwen3, qk_norm=qwen3, head_dim=head_dim,
+                               rotary_dim=head_dim, attn_scale=head_dim ** -0.5)
 
 
 def phi3_config(c: Checked) -> ModelConfig:
@@ -274,7 +276,8 @@ def gemma_config(c: Checked) -> ModelConfig:
         windowed = [(i + 1) % pattern != 0 for i in range(n)]
     return ModelConfig(**cfg, sandwich_norm=True, qk_norm=kind == "gemma3_text",
                        attn_scale=c.number("query_pre_attn_scalar", 256, (1e-6, 1e9)) ** -0.5,
-                       attn_softcap=cap("attn_logit_softcapping"), final_softcap=cap("final_logit_softcapping"),
+                       attn_softcap=cap("attn_logit_softcapping") if kind == "gemma2" else 0.0,  # 3: never (as HF)
+                       final_softcap=cap("final_logit_softcapping"),
                        layer_windows=[window if w else 0 for w in windowed],
                        local_rope_theta=c.number("rope_local_base_freq", 1e4, THETA) if kind == "gemma3_text" else 0.0)
 
@@ -435,7 +438,7 @@ BODY_PREFIXES = {"gpt2": ("transformer.", ""), "gpt_neo": ("transformer.", ""), 
 HEAD_NAMES = {"gpt_neox": "embed_out.weight"}  # the untied head's checkpoint name (no prefix); else lm_head.weight
 
 
-SHARD_NAME = re.compile(r"[^/\\\x00]{1,240}\.safetensors")  # a file name in the checkpoint's directory, not a path
+SHARD_NAME = re.compile(r"[^/\\:\x00]{1,240}\.safetensors")  # a file name in the checkpoint's directory, not a path
 
 
 def open_safetensors(model_dir: Path) -> dict[str, tuple[Path, object]]:

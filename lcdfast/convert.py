@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CODES, CODES_NOTE, EPS, FACTOR, THETA, llama_names, model_config, save_codes
-from .errors import LcdError, number, whole
+from .errors import LcdError, number, shown, whole
 from .model import ModelConfig, Transformer
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -400,21 +400,31 @@ def read_vocab(reader, path: Path, cfg: dict) -> dict:
     if unknown is not None:
         raise LcdError(f"{path}: tokenizer.ggml.merges entry {' '.join(unknown)!r} names a token not in the vocabulary")
     flag = lambda key: _field(reader, path, f"tokenizer.ggml.{key}", "bool", False)
+    pre = _field(reader, path, "tokenizer.ggml.pre", "str", None)
+    if pre not in PRE_TOKENIZERS:  # another split (DeepSeek's, GPT-4o's, ...) would tokenize silently wrong
+        raise LcdError(f"{path}: tokenizer.ggml.pre is {shown(pre)}; lcdfast knows "
+                       f"{', '.join(p for p in PRE_TOKENIZERS if p)}")
     return {"tokens": tokens, "types": types, "merges": merges, "vocab": vocab, "ids": ids,
             "add_bos": flag("add_bos_token"), "add_eos": flag("add_eos_token"),
-            "pre": _field(reader, path, "tokenizer.ggml.pre", "str", None),
+            "pre": pre,
             "chat_template": _field(reader, path, "tokenizer.chat_template", "str", None)}
 
 
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-               r"\s+(?!\S)|\s+")
+PRE_TOKENIZERS = (None, "default", "gpt-2", "smollm", "starcoder", "qwen2", "llama-bpe")  # tokenizer.ggml.pre
+SPLITS = {  # tokenizer.ggml.pre -> the split regex of that model's own tokenizer.json (Llama 3: digits by threes)
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
 
 def build_tokenizer(vocab: dict):
     """tokenizers.Tokenizer: byte-level BPE from the GGUF tokens and merges (read_vocab), control tokens (type 3)
     special, user-defined ones (type 4) added.
 
-    Pre-tokenized with the GPT-2 regex, or Qwen2's (tokenizer.ggml.pre = "qwen2", after NFC); for "smollm" (or
+    Pre-tokenized with the GPT-2 regex, Qwen2's (tokenizer.ggml.pre = "qwen2", after NFC) or Llama 3's ("llama-bpe":
+    Qwen2's with digits in runs of up to three); for "smollm" (or
     "starcoder") every digit is split off first, as llama.cpp and SmolLM2's own tokenizer.json do. transformers
     4.51's GGUF loader skips that digit step; the two differ only on a whitespace run right before a digit
     ("a  1": 'ĠĠ','1' here and in SmolLM2, 'Ġ','Ġ','1' in transformers' GGUF tokenizer)."""
@@ -426,10 +436,11 @@ def build_tokenizer(vocab: dict):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if vocab["pre"] in ("smollm", "starcoder"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif vocab["pre"] == "qwen2":  # Qwen2/3's own tokenizer.json: NFC, then its regex, then bytes
-        tok.normalizer = normalizers.NFC()
+    elif vocab["pre"] in ("qwen2", "llama-bpe"):  # their own tokenizer.json's: (Qwen: NFC,) a regex, then bytes
+        if vocab["pre"] == "qwen2":
+            tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(SPLITS[vocab["pre"]]), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tok.pre_tokenizer = byte_level

@@ -102,9 +102,10 @@ def contrast_scores(
     if dc.method == "dola" and shared_head:
         # expert and candidates through the head in one pass over its weights: [1 + L, B, E] -> [1 + L, B, V]
         logits = model.logits(torch.cat([final[None], readout_hidden(model, exits, dc.exit_norm, readout)]),
-                              capped=False).float()
+                              capped=False)  # capped below in the model's dtype, as model.logits does
         cap = model.config.final_softcap
-        expert, layers = softcapped(logits[0], cap), softcapped(logits[1:], cap if dc.exit_norm else 0.0)
+        expert = softcapped(logits[0], cap).float()
+        layers = softcapped(logits[1:], cap if dc.exit_norm else 0.0).float()
     else:
         expert = model.logits(final).float()  # [B, V]
     if dc.method in ("greedy", "sample"):

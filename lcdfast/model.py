@@ -240,12 +240,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap:
     `scale` (and soft-capped by `softcap`): [B, H, T, D].
 
     Under torch.compile on CPU, written out so inductor fuses it into the step (a decode step's 30 SDPA calls
-    cost more in call overhead than in arithmetic); else SDPA, which has no soft-capping."""
-    if not softcap and not (torch.compiler.is_compiling() and q.device.type == "cpu"):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
-                                              scale=scale)
+    cost more in call overhead than in arithmetic); else SDPA, or with soft-capping (which SDPA lacks) two
+    batched products."""
     B, H, T, D = q.shape
     K = k.shape[1]
+    if not (torch.compiler.is_compiling() and q.device.type == "cpu"):
+        if not softcap:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H, scale=scale)
+        P = k.shape[2]
+        scores = softcapped(q.reshape(B, K, H // K * T, D) @ k.transpose(-1, -2) * scale, softcap)  # [B, K, G*T, P]
+        scores = scores.view(B, K, H // K, T, P).masked_fill(~mask[:, :, None], -math.inf)
+        return (scores.softmax(-1).view(B, K, H // K * T, P) @ v).view(B, H, T, D)
     q = q.reshape(B, K, H // K, T, 1, D)  # query heads grouped by their kv head
     scores = softcapped((q * k[:, :, None, None]).sum(-1) * scale, softcap)  # [B, K, G, T, P]
     probs = scores.masked_fill(~mask[:, :, None], -math.inf).softmax(-1)

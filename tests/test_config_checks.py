@@ -296,3 +296,12 @@ def test_exit_heads_metadata_of_the_wrong_shape(tiny_dir, tmp_path):
     for stats in ("[1]", '{"2": 5}', '{"x": {"top1": 1}}', '{"2": {"top1": "a"}, "4": {"top1": 1}}', "[" * 100_000):
         heads = load_exit_heads(save(tmp_path / "h.safetensors", head, {"layer_stats": stats}), model)
         assert heads.auto_layer(model.config.n_layers) is None
+
+
+def test_defaults_as_transformers_reads_them():
+    qwen3 = {k: v for k, v in BASE["qwen3"].to_dict().items() if k != "head_dim"}
+    assert model_config(qwen3).head_dim == 128  # Qwen3Config's default, not hidden_size / heads
+    gemma3 = {**BASE["gemma3_text"].to_dict(), "attn_logit_softcapping": 1.0, "final_logit_softcapping": 5.0}
+    cfg = model_config(gemma3)
+    assert (cfg.attn_softcap, cfg.final_softcap) == (0.0, 5.0)  # Gemma 3 never caps attention in transformers
+    assert model_config({**BASE["gemma2"].to_dict(), "attn_logit_softcapping": 1.0}).attn_softcap == 1.0

@@ -456,6 +456,7 @@ METADATA = [  # (metadata replaced, what the message must say): wrong types, zer
     ({"general.architecture": (7, U32)}, r"general.architecture is 7 \(UINT32\), expected a string"),
     ({"general.architecture": (b"ll\xffma", STR)}, r"general.architecture is not valid UTF-8"),
     ({"tokenizer.ggml.pre": (b"\xfesmollm", STR)}, r"tokenizer.ggml.pre is not valid UTF-8 \(byte 0"),
+    ({"tokenizer.ggml.pre": ("deepseek-r1-qwen", STR)}, r"tokenizer.ggml.pre is 'deepseek-r1-qwen'; lcdfast knows"),
     ({"tokenizer.chat_template": (b"{{ x }}\xc3", STR)}, r"tokenizer.chat_template is not valid UTF-8"),
     ({"tokenizer.ggml.tokens": ([b"a", b"\xff", b"ab", b"<s>"], ARR, STR)}, r"tokenizer.ggml.tokens is not valid"),
     ({"llama.embedding_length": None}, r"missing GGUF key 'llama.embedding_length'"),
@@ -722,7 +723,17 @@ def test_qwen_gguf_converts_to_the_same_model(kind, tmp_path):
     qwen = HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))  # the same BPE, Qwen2's normalizer and split
     qwen.normalizer = normalizers.NFC()
     qwen.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(convert.QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(convert.SPLITS["qwen2"]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     for text in (TEXT, "It's  12345 layers\n\n  café cafe\u0301 don'T", " a  1"):
         assert ours.tokenizer.encode(text, add_special_tokens=False) == qwen.encode(text).ids, text
+
+
+def test_pre_tokenizers_split_as_their_models_do():
+    """Qwen2 splits digits one by one, Llama 3 ("llama-bpe") in runs of up to three, both keep "'s" apart."""
+    vocab = {"tokens": ["a"], "types": [1], "ids": {"unknown": None, "bos": None, "eos": None}, "vocab": {"a": 0},
+             "merges": [], "add_bos": False, "add_eos": False}
+    pieces = {pre: [p for p, _ in convert.build_tokenizer({**vocab, "pre": pre}).pre_tokenizer.pre_tokenize_str(
+        "It's 12345 ok")] for pre in ("qwen2", "llama-bpe")}
+    assert pieces["llama-bpe"] == ["It", "'s", "Ġ", "123", "45", "Ġok"]
+    assert pieces["qwen2"] == ["It", "'s", "Ġ", "1", "2", "3", "4", "5", "Ġok"]

@@ -118,7 +118,8 @@ def test_sharded_checkpoint_loads(tmp_path):
     index = json.loads(index_path.read_text())
     shards = sorted(set(index["weight_map"].values()))
     for shard, needle in [("../whole/model.safetensors", "shard '../whole/model.safetensors' is not a .safetensors"),
-                          ("/etc/passwd", "shard '/etc/passwd' is not"), ("a" * 300 + ".safetensors", "shard 'aaa")]:
+                          ("/etc/passwd", "shard '/etc/passwd' is not"), ("a" * 300 + ".safetensors", "shard 'aaa"),
+                          ("C:x.safetensors", "shard 'C:x.safetensors' is not")]:
         index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], "lm_head.weight": shard}}))
         with pytest.raises(LcdError, match=re.escape(needle)):
             load_model(tmp_path / "sharded")

@@ -215,6 +215,8 @@ def test_gguf_blocks_read_back_natively_equal_ggufs_dequantization(tmp_path):
     raw["token_embd.weight"] = (sd["model.embed_tokens.weight"], "Q8_0")
     for i in range(cfg.num_hidden_layers):
         for hf, gg in names.items():
+            if f"model.layers.{i}.{hf}.weight" not in sd:  # Qwen3's q/k norms
+                continue
             w = sd[f"model.layers.{i}.{hf}.weight"]
             heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(gg)
             w = llama_cpp_permute(w, heads) if heads else w
