@@ -96,12 +96,12 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             raise SecurityError(f"{left} ** {right} is too large")
         if operator == "*":
             seq, n = (left, right) if isinstance(left, str | list | tuple) else (right, left)
-            if isinstance(seq, str | list | tuple) and is_int(n) and len(seq) * n > TEMPLATE_CHARS:
-                raise SecurityError(f"a {type(seq).__name__} of {len(seq)} * {n} is too long")
+            if isinstance(seq, str | list | tuple) and is_int(n):
+                _fits("*", _size(seq) * n)
         if operator == "+" and isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
-            _fits("+", len(left) + len(right))
+            _fits("+", _size(left) + _size(right))
         if operator == "%" and isinstance(left, str):
-            _check_arguments("%", right if isinstance(right, tuple) else (right,), left)
+            _check_format("%", left)
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
@@ -115,10 +115,22 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().call(__context, __obj, *args, **kwargs)
 
 
-MAX_ARGUMENT = 100_000  # the largest integer a template may pass a call or filter (a width, a count; = MAX_RANGE)
-WIDE = re.compile(r"\d{6,}")  # a field width of 6+ digits in a format string: a padding past MAX_ARGUMENT
+MAX_ARGUMENT = 100_000  # the largest width or count a template may pass a padding call (= jinja2's MAX_RANGE)
+PADDING = {"ljust", "rjust", "center", "zfill", "expandtabs", "do_center", "do_indent", "do_wordwrap",
+           "generate_lorem_ipsum"}  # calls and filters whose integer arguments are sizes of what they build
+FORMATS = {"format", "format_map", "do_format"}
+# in a format string: a %-width of 6+ digits or '*', a {:width} of 6+ digits or a nested {field} as the width
+WIDE_SPEC = re.compile(r"%[-+ #0]*(\*|\d{6,})|\{[^{}]*:[^{}]*(\{|\d{6,})")
 TEMPLATE_MEMORY = 256 << 20  # bytes a template may add to the process's memory (checked on each line it runs)
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _size(value) -> int:
+    """A string's characters; a list's items plus the characters of its string items (a list of references to
+    one long string costs what printing it does)."""
+    if isinstance(value, str):
+        return len(value)
+    return len(value) + sum(len(x) for x in value if isinstance(x, str | list | tuple))
 
 
 def _fits(name: str, length: int) -> None:
@@ -126,20 +138,31 @@ def _fits(name: str, length: int) -> None:
         raise SecurityError(f"{name} would build {length} items or characters (at most {TEMPLATE_CHARS})")
 
 
-def _check_arguments(name: str, values, format_string: str | None = None) -> None:
-    if any(is_int(v) and abs(v) > MAX_ARGUMENT for v in values):
-        raise SecurityError(f"{name}: an argument is over {MAX_ARGUMENT}")
-    if format_string is not None and WIDE.search(format_string):
-        raise SecurityError(f"{name}: a format width in {shown(format_string)} is over {MAX_ARGUMENT}")
+def _check_format(name: str, format_string: str) -> None:
+    if WIDE_SPEC.search(format_string):
+        raise SecurityError(f"{name}: a format width in {shown(format_string)} is over {MAX_ARGUMENT} or not literal")
 
 
 def _checked(name: str, args: tuple, kwargs: dict) -> tuple:
-    """`args` of a call or filter named `name`, or a SecurityError if its result could be over TEMPLATE_CHARS: an
-    integer argument (a width, a count) over MAX_ARGUMENT, a format width of 6+ digits, a join or a replace whose
-    result would be too long. A join's items come back as a list (a generator is read once, here)."""
+    """`args` of a call or filter named `name`, or a SecurityError if its result could be over TEMPLATE_CHARS: a
+    padding call's integer argument over MAX_ARGUMENT (or indent's string of a width, wordwrap's separator, too
+    long for the text), a format string's width (WIDE_SPEC), a join or a replace whose result would be too long.
+    A join's items come back as a list (a generator is read once, here)."""
     strings = [i for i, v in enumerate(args) if isinstance(v, str)]
-    form = args[strings[0]] if name in ("format", "format_map", "do_format") and strings else None
-    _check_arguments(name, (*args, *kwargs.values()), form)
+    if name in PADDING:
+        if any(is_int(v) and abs(v) > MAX_ARGUMENT for v in (*args, *kwargs.values())):
+            raise SecurityError(f"{name}: an argument is over {MAX_ARGUMENT}")
+        text = args[strings[0]] if strings else ""
+        if name == "do_indent":  # do_indent(s, width, ...): a string width is copied once per line
+            width = kwargs.get("width", args[1] if len(args) > 1 else 4)
+            if isinstance(width, str):
+                _fits(name, len(text) + len(width) * (text.count("\n") + 1))
+        if name == "do_wordwrap":  # do_wordwrap(environment, s, width, break_long_words, wrapstring, ...)
+            wrap = kwargs.get("wrapstring", args[4] if len(args) > 4 else None)
+            if isinstance(wrap, str):  # at worst a break after every character
+                _fits(name, len(text) + len(wrap) * (len(text) + 1))
+    if name in FORMATS and strings:
+        _check_format(name, args[strings[0]])
     if name in ("join", "do_join") and len(args) >= 2:  # str.join(sep, items); the filter: join(items, sep)
         sep, at = (args[0], 1) if name == "join" else (kwargs.get("d", args[2] if len(args) > 2 else ""), 1)
         items = list(args[at])

@@ -38,7 +38,11 @@ DOUBLING = "{% set ns = namespace(x='a') %}{% for i in range(45) %}{% set ns.x =
     ({"chat_template": [5]}, ["chat_template[0]"]),
     ({"chat_template": {"x": 1}}, ["chat_template", "must be a string"]),
     ({"chat_template": "{{ 1 / 0 }}"}, ["chat_template: the chat template failed", "ZeroDivisionError"]),
-    ({"chat_template": "{% for i in range(10**9) %}x{% endfor %}"}, ["chat_template", "argument is over 100000"]),
+    ({"chat_template": "{% for i in range(10**9) %}x{% endfor %}"}, ["chat_template", "Range too big"]),
+    ({"chat_template": "{{ '{:{}}'.format('x', '2000000000') }}"}, ["format: a format width in"]),
+    ({"chat_template": "{{ ('a\\n' * 100000)|indent('x' * 3000) }}"}, ["do_indent would build"]),
+    ({"chat_template": "{{ ('a ' * 100000)|wordwrap(1, wrapstring='x' * 300000) }}"}, ["do_wordwrap would build"]),
+    ({"chat_template": "{{ (['x' * 1000000] * 300)|tojson }}"}, ["* would build 300000300"]),
     ({"chat_template": "{{ 'a'|indent(10**10) }}"}, ["do_indent: an argument is over 100000"]),
     ({"chat_template": "{{ 'a'.ljust(10**10) }}"}, ["ljust: an argument is over 100000"]),
     ({"chat_template": "{{ '{:>10000000000}'.format(1) }}"}, ["format: a format width in"]),
@@ -47,7 +51,7 @@ DOUBLING = "{% set ns = namespace(x='a') %}{% for i in range(45) %}{% set ns.x =
     ({"chat_template": "{{ ('a' * 10**6).replace('a', 'bb') }}"}, ["replace would build 2000000"]),
     ({"chat_template": "{{ ('a' * 900000) + ('b' * 900000) }}"}, ["+ would build 1800000"]),
     ({"chat_template": LOOP}, ["chat_template", "still running after 0.2s"]),
-    ({"chat_template": "{{ 'x' * 10**9 }}"}, ["chat_template", "too long"]),
+    ({"chat_template": "{{ 'x' * 10**9 }}"}, ["chat_template", "* would build 1000000000"]),
     ({"chat_template": "{{ 7 ** (10 ** 9) }}"}, ["chat_template", "too large"]),
     ({"chat_template": "{% if %}"}, ["chat_template", "TemplateSyntaxError"]),
     ({"chat_template": "{{ raise_exception('no system role') }}"}, ["chat_template: no system role"]),
@@ -84,6 +88,19 @@ def test_a_template_growing_memory_is_stopped(tmp_path, monkeypatch):
     path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": DOUBLING}))
     with pytest.raises(LcdError, match="chat_template: the chat template failed .*grew memory by over 64 MiB"):
         Tokenizer.load(tmp_path).apply_chat_template("hi")
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{{ '{}'.format(123456) }}", "123456"), ("{{ 'id %d' % 123456 }}", "id 123456"),
+    ("{{ (7 * 1000000)|string }}", "7000000"), ("{{ 'cutoff 20231231: {}'.format('x') }}", "cutoff 20231231: x"),
+    ("{{ '%-8s|' % 'ab' }}{{ '{:>4}'.format(1) }}", "ab      |   1"),
+    ("{{ ['a', 'b']|join(', ') }} {{ 'a-b'|replace('-', '+') }} {{ 'x'|center(5) }}.", "a, b a+b   x  ."),
+])
+def test_ordinary_template_operations_pass_the_guards(template, expected, tmp_path):
+    save_tiny_tokenizer(tmp_path)
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": template}))
+    assert Tokenizer.load(tmp_path).apply_chat_template("hi") == expected
 
 
 def test_chat_template_list_picks_default_and_empty_vocabulary(tmp_path):
