@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CODES, CODES_NOTE, EPS, FACTOR, THETA, llama_names, model_config, save_codes
+from .checkpoint import CODES, CODES_NOTE, EPS, FACTOR, NAME_TABLES, THETA, model_config, save_codes
 from .errors import LcdError, number, shown, whole
 from .model import ModelConfig, Transformer
 
@@ -58,7 +58,11 @@ LAYER_NAMES = {  # blk.{i}.<gguf> -> model.layers.{i}.<hf>
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+MODEL_TYPES = {"gemma3": "gemma3_text"}  # general.architecture -> config.json's model_type, where they differ
+SANDWICH_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                  "post_ffw_norm": "post_feedforward_layernorm"}  # Gemma 2/3's norms around attention and the MLP
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -166,7 +170,7 @@ def _read(path: Path):
 
 def _field(reader, path: Path, key: str, kind: str, default=LcdError):
     """The value of GGUF key `key` if its type is `kind` ('int', 'float', 'bool', 'str', or an array 'int[]',
-    'str[]'); `default` if it is absent (LcdError: it is required)."""
+    'float[]', 'str[]'); `default` if it is absent (LcdError: it is required)."""
     from gguf.constants import GGUFValueType as V
 
     field = reader.fields.get(key)
@@ -190,7 +194,7 @@ def _field(reader, path: Path, key: str, kind: str, default=LcdError):
     if not ok:
         seen = f"an ARRAY of {types[-1]}" if types[0] == "ARRAY" else f"{repr(value)[:40]} ({types[0]})"
         want = {"int": "an integer", "float": "a number", "bool": "a bool", "str": "a string", "int[]": "an array of "
-                "integers", "str[]": "an array of strings"}[kind]
+                "integers", "str[]": "an array of strings", "float[]": "an array of numbers"}[kind]
         raise LcdError(f"{path}: {key} is {seen}, expected {want}")
     return value
 
@@ -210,13 +214,19 @@ def _token_id(reader, path: Path, key: str, n_tokens: int) -> int | None:
     return tid
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """HF tensor name for a GGUF tensor name ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight')."""
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
+    names = {**LAYER_NAMES, **SANDWICH_NAMES} if arch in ("gemma2", "gemma3") else LAYER_NAMES
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}"
     return f"{TOP_NAMES[base]}.{suffix}" if base in TOP_NAMES else None
+
+
+def reader_arch(cfg: dict) -> str:
+    """general.architecture back from config.json's model_type."""
+    return {v: k for k, v in MODEL_TYPES.items()}.get(cfg["model_type"], cfg["model_type"])
 
 
 def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -226,14 +236,16 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def read_config(reader, path: Path) -> dict:
-    """config.json for a LLaMA, Qwen2 or Qwen3 from the GGUF metadata, every value checked for its type and range.
-    The file's `{arch}.` keys, tensors and, for LLaMA only, llama.cpp's permuted Q/K rows (it keeps Qwen's as HF)."""
+    """config.json for a LLaMA, Qwen2/3 or Gemma 1/2/3 from the GGUF metadata, every value checked for its type and
+    range: the file's `{arch}.` keys and tensors. llama.cpp permutes only LLaMA's Q/K rows, and stores Gemma's norm
+    weights as 1 + w (read_tensors undoes both)."""
     arch = _field(reader, path, "general.architecture", "str")
     if arch not in ARCHITECTURES:
         raise LcdError(f"{path}: general.architecture is '{arch}', only {', '.join(ARCHITECTURES)} are supported")
     tok_model = _field(reader, path, "tokenizer.ggml.model", "str")
-    if tok_model != "gpt2":
-        raise LcdError(f"{path}: tokenizer.ggml.model is '{tok_model}', only 'gpt2' (byte-level BPE) is supported")
+    if tok_model not in ("gpt2", "llama"):
+        raise LcdError(f"{path}: tokenizer.ggml.model is '{tok_model}', only 'gpt2' (byte-level BPE) or 'llama' "
+                       "(sentencepiece BPE) is supported")
     size = lambda key, *default, high=MAX_SIZE: _size(reader, path, f"{arch}.{key}", high, *default)
     dim, n_heads = size("embedding_length"), size("attention.head_count")
     n_kv, head_dim = size("attention.head_count_kv", n_heads), size("attention.key_length", max(dim // n_heads, 1))
@@ -263,10 +275,11 @@ def read_config(reader, path: Path) -> dict:
                        f"[{dim} ({arch}.embedding_length), vocabulary size]")
     vocab = int(embd.shape[1])
     biased = any(t.name.endswith("attn_q.bias") for t in reader.tensors)
-    if biased != (arch == "qwen2"):  # Qwen2 always has q/k/v biases; LLaMA and Qwen3 here none
+    if biased != (arch == "qwen2"):  # Qwen2 always has q/k/v biases; the others here none
         raise LcdError(f"{path}: {arch} {'with' if biased else 'without'} q/k/v biases is not supported")
+    gemma = gemma_config(reader, path, arch, n_layers, dim, n_heads, head_dim) if arch.startswith("gemma") else {}
     return {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch, "hidden_size": dim,
+        "architectures": [ARCHITECTURES[arch]], "model_type": MODEL_TYPES.get(arch, arch), "hidden_size": dim,
         "intermediate_size": size("feed_forward_length"), "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
         "rms_norm_eps": _real(reader, path, f"{arch}.attention.layer_norm_rms_epsilon", EPS),
@@ -275,8 +288,29 @@ def read_config(reader, path: Path) -> dict:
         "vocab_size": vocab, "hidden_act": "silu", "attention_bias": biased, "mlp_bias": False,
         "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
         "bos_token_id": _token_id(reader, path, "bos", vocab), "eos_token_id": _token_id(reader, path, "eos", vocab),
-        "pad_token_id": _token_id(reader, path, "padding", vocab), "torch_dtype": "float32",
+        "pad_token_id": _token_id(reader, path, "padding", vocab), "torch_dtype": "float32", **gemma,
     }
+
+
+def gemma_config(reader, path: Path, arch: str, n_layers: int, dim: int, n_heads: int, head_dim: int) -> dict:
+    """Gemma's config.json keys that GGUF holds (soft-capping, the window, the window pattern) or that llama.cpp
+    derives: queries scaled by 1/sqrt(head_dim), by 1/sqrt(dim / heads) in the 27B models (46 layers in Gemma 2,
+    62 in Gemma 3), and Gemma 3's local rotary base of 10000."""
+    cap = lambda key: (_real(reader, path, f"{arch}.{key}", (1e-3, 1e6), None)  # noqa: E731
+                       if _field(reader, path, f"{arch}.{key}", "float", None) is not None else None)
+    out = {"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh"}
+    if arch == "gemma":
+        return out
+    big = n_layers == {"gemma2": 46, "gemma3": 62}[arch]
+    out.update({"query_pre_attn_scalar": dim // n_heads if big else head_dim,
+                "sliding_window": _size(reader, path, f"{arch}.attention.sliding_window", MAX_CONTEXT, 4096),
+                "final_logit_softcapping": cap("final_logit_softcapping")})
+    if arch == "gemma2":
+        out["attn_logit_softcapping"] = cap("attn_logit_softcapping")
+    else:
+        out.update({"sliding_window_pattern": _size(reader, path, f"{arch}.attention.sliding_window_pattern",
+                                                    MAX_LAYERS, 6), "rope_local_base_freq": 10000.0})
+    return out
 
 
 def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -288,8 +322,10 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
                  "mlp.up_proj.weight": (F, E), "mlp.down_proj.weight": (E, F)}
     if cfg["attention_bias"]:
         per_layer.update({f"self_attn.{p}_proj.bias": (q if p == "q" else kv,) for p in "qkv"})
-    if cfg["model_type"] == "qwen3":
+    if cfg["model_type"] in ("qwen3", "gemma3_text"):
         per_layer.update({"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)})
+    if cfg["model_type"] in ("gemma2", "gemma3_text"):
+        per_layer.update({"pre_feedforward_layernorm.weight": (E,), "post_feedforward_layernorm.weight": (E,)})
     shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], E), "model.norm.weight": (E,)}
     for i in range(cfg["num_hidden_layers"]):
         shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
@@ -307,7 +343,7 @@ def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, tor
     bar = track(reader.tensors, description=f"converting {path.name}", transient=True, console=console,
                 disable=not (progress and console.is_terminal))  # off a terminal rich leaves an empty line
     for t in bar:
-        name = hf_name(t.name)
+        name = hf_name(t.name, reader_arch(cfg))
         if name not in shapes:
             raise LcdError(f"{path}: tensor '{t.name}' ({t.tensor_type.name}) is not part of a plain "
                            f"{cfg['model_type']}")
@@ -318,6 +354,8 @@ def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, tor
         if not np.isfinite(w).all():
             raise LcdError(f"{path}: tensor '{t.name}' has {int((~np.isfinite(w)).sum())} NaN or infinite values, "
                            f"weights must be finite")
+        if cfg["model_type"].startswith("gemma") and name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp stores Gemma's (1 + w)
         if cfg["model_type"] == "llama" and ".q_proj." in name:
             w = unpermute(w, cfg["num_attention_heads"])
         elif cfg["model_type"] == "llama" and ".k_proj." in name:
@@ -354,7 +392,7 @@ def block_codes(t, path: Path, cfg: dict) -> dict[str, np.ndarray] | None:
         out = {"q": blocks[..., 4:].reshape(N, K // 2).copy(), "scale": scale, "low": low}
     if not all(np.isfinite(out[k]).all() for k in ("scale", "low") if k in out):
         raise LcdError(f"{path}: tensor '{t.name}' has NaN or infinite block scales, weights must be finite")
-    name = hf_name(t.name)
+    name = hf_name(t.name, reader_arch(cfg))
     for proj, heads in ((".q_proj.", "num_attention_heads"), (".k_proj.", "num_key_value_heads")):
         if proj in name and cfg["model_type"] == "llama":
             out = {k: unpermute(v, cfg[heads]) for k, v in out.items()}
@@ -364,10 +402,10 @@ def block_codes(t, path: Path, cfg: dict) -> dict[str, np.ndarray] | None:
 def kept_blocks(reader, path: Path, cfg: dict, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The GGUF's Q8_0 / Q4_0 / Q4_1 linears as quantized weights in our names (checkpoint.CODES): a linear made of
     several GGUF tensors (q, k, v; gate, up) only when all are blocks of one type. `mcfg`: `cfg` as ModelConfig."""
-    by_hf = {hf_name(t.name): t for t in reader.tensors}
+    by_hf = {hf_name(t.name, reader_arch(cfg)): t for t in reader.tensors}
     with torch.device("meta"):
         linears = Transformer(mcfg).quantizable()
-    table = llama_names(mcfg)
+    table = NAME_TABLES[mcfg.family](mcfg)
     table["output.weight"] = (["lm_head.weight"] if not mcfg.tie_embeddings else ["embed_tokens.weight"], False)
     out = {}
     for ours, (names, _) in table.items():
@@ -392,9 +430,16 @@ def read_vocab(reader, path: Path, cfg: dict) -> dict:
     types = _field(reader, path, "tokenizer.ggml.token_type", "int[]", [1] * len(tokens))
     if len(types) != len(tokens):
         raise LcdError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, path, "tokenizer.ggml.merges", "str[]")]
     ids = {key: _token_id(reader, path, key, len(tokens)) for key in ("bos", "eos", "padding", "unknown")}
     vocab = {t: i for i, t in enumerate(tokens)}
+    spm = _field(reader, path, "tokenizer.ggml.model", "str") == "llama"
+    if spm:  # sentencepiece BPE: scores instead of merges, the merges rebuilt from them
+        scores = _field(reader, path, "tokenizer.ggml.scores", "float[]")
+        if len(scores) != len(tokens) or not all(map(math.isfinite, scores)):
+            raise LcdError(f"{path}: tokenizer.ggml.scores must be {len(tokens)} finite numbers, one per token")
+        merges = spm_merges(tokens, scores, types)
+    else:
+        merges = [tuple(m.split(" ", 1)) for m in _field(reader, path, "tokenizer.ggml.merges", "str[]")]
     unknown = next((m for m in merges if not (len(m) == 2 and m[0] in vocab and m[1] in vocab
                                               and m[0] + m[1] in vocab)), None)
     if unknown is not None:
@@ -404,10 +449,25 @@ def read_vocab(reader, path: Path, cfg: dict) -> dict:
     if pre not in PRE_TOKENIZERS:  # another split (DeepSeek's, GPT-4o's, ...) would tokenize silently wrong
         raise LcdError(f"{path}: tokenizer.ggml.pre is {shown(pre)}; lcdfast knows "
                        f"{', '.join(p for p in PRE_TOKENIZERS if p)}")
-    return {"tokens": tokens, "types": types, "merges": merges, "vocab": vocab, "ids": ids,
+    return {"tokens": tokens, "types": types, "merges": merges, "vocab": vocab, "ids": ids, "spm": spm,
             "add_bos": flag("add_bos_token"), "add_eos": flag("add_eos_token"),
-            "pre": pre,
+            "space_prefix": _field(reader, path, "tokenizer.ggml.add_space_prefix", "bool", True), "pre": pre,
             "chat_template": _field(reader, path, "tokenizer.chat_template", "str", None)}
+
+
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """The merges a BPE over sentencepiece's pieces needs to tokenize as sentencepiece's BPE does: every way to
+    split a normal piece (type 1) into two normal pieces, pieces of higher score merged first (sentencepiece merges
+    the pair whose piece scores best), ties by the parts' ids."""
+    normal = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 1}
+    ranked = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[i], normal[left], normal[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
 
 
 PRE_TOKENIZERS = (None, "default", "gpt-2", "smollm", "starcoder", "qwen2", "llama-bpe")  # tokenizer.ggml.pre
@@ -420,21 +480,28 @@ SPLITS = {  # tokenizer.ggml.pre -> the split regex of that model's own tokenize
 
 
 def build_tokenizer(vocab: dict):
-    """tokenizers.Tokenizer: byte-level BPE from the GGUF tokens and merges (read_vocab), control tokens (type 3)
-    special, user-defined ones (type 4) added.
+    """tokenizers.Tokenizer from the GGUF vocabulary (read_vocab), control tokens (type 3) special, user-defined ones
+    (type 4) added: byte-level BPE from its merges, or for a sentencepiece vocabulary (tokenizer.ggml.model =
+    "llama") a BPE over the pieces with the merges their scores imply, spaces as '▁' and byte fallback.
 
-    Pre-tokenized with the GPT-2 regex, Qwen2's (tokenizer.ggml.pre = "qwen2", after NFC) or Llama 3's ("llama-bpe":
-    Qwen2's with digits in runs of up to three); for "smollm" (or
-    "starcoder") every digit is split off first, as llama.cpp and SmolLM2's own tokenizer.json do. transformers
-    4.51's GGUF loader skips that digit step; the two differ only on a whitespace run right before a digit
-    ("a  1": 'ĠĠ','1' here and in SmolLM2, 'Ġ','Ġ','1' in transformers' GGUF tokenizer)."""
+    Byte-level BPE is pre-tokenized with the GPT-2 regex, Qwen2's (tokenizer.ggml.pre = "qwen2", after NFC) or
+    Llama 3's ("llama-bpe": Qwen2's with digits in runs of up to three); for "smollm" (or "starcoder") every digit
+    is split off first, as llama.cpp and SmolLM2's own tokenizer.json do. transformers 4.51's GGUF loader skips
+    that digit step; the two differ only on a whitespace run right before a digit ("a  1": 'ĠĠ','1' here and in
+    SmolLM2, 'Ġ','Ġ','1' in transformers' GGUF tokenizer)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     tokens, types, ids, unk = vocab["tokens"], vocab["types"], vocab["ids"], vocab["ids"]["unknown"]
-    bpe = models.BPE(vocab["vocab"], vocab["merges"], unk_token=None if unk is None else tokens[unk], fuse_unk=True)
+    bpe = models.BPE(vocab["vocab"], vocab["merges"], unk_token=None if unk is None else tokens[unk], fuse_unk=True,
+                     byte_fallback=vocab["spm"])
     tok = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if vocab["pre"] in ("smollm", "starcoder"):
+    if vocab["spm"]:  # a leading '▁' where add_space_prefix, as sentencepiece's add_dummy_prefix
+        prefix = vocab["space_prefix"]
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * prefix + [normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + [decoders.Strip(" ", 1, 0)] * prefix)
+    elif vocab["pre"] in ("smollm", "starcoder"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif vocab["pre"] in ("qwen2", "llama-bpe"):  # their own tokenizer.json's: (Qwen: NFC,) a regex, then bytes
         if vocab["pre"] == "qwen2":
@@ -444,7 +511,8 @@ def build_tokenizer(vocab: dict):
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
+    if not vocab["spm"]:
+        tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
     single, special = ["$A"], []

@@ -274,8 +274,8 @@ def test_bad_inputs(tmp_path):
         convert.convert_gguf(tmp_path / "missing.gguf", tmp_path / "a", progress=False)
     with pytest.raises(LcdError, match="general.architecture is 'gpt2'"):
         convert.convert_gguf(write_gguf(tmp_path / "gpt2.gguf", arch="gpt2"), tmp_path / "b", progress=False)
-    with pytest.raises(LcdError, match="tokenizer.ggml.model is 'llama'"):
-        convert.convert_gguf(write_gguf(tmp_path / "spm.gguf", tok_model="llama"), tmp_path / "c", progress=False)
+    with pytest.raises(LcdError, match="tokenizer.ggml.model is 'bert'"):
+        convert.convert_gguf(write_gguf(tmp_path / "wpm.gguf", tok_model="bert"), tmp_path / "c", progress=False)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(write_gguf(tmp_path / "whole.gguf").read_bytes()[:-40])
     (tmp_path / "whole.gguf").unlink()
@@ -286,7 +286,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(LcdError, match="not empty"):
         convert.convert_gguf(junk, tmp_path / "full", progress=False)
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == ["cut.gguf", "full", "gpt2.gguf", "notes.gguf", "spm.gguf"], f"failed conversions left {left}"
+    assert left == ["cut.gguf", "full", "gpt2.gguf", "notes.gguf", "wpm.gguf"], f"failed conversions left {left}"
     with pytest.raises(LcdError, match=f"{tmp_path.name}: no tokenizer.json or tokenizer.model"):
         Tokenizer.load(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
@@ -732,8 +732,106 @@ def test_qwen_gguf_converts_to_the_same_model(kind, tmp_path):
 def test_pre_tokenizers_split_as_their_models_do():
     """Qwen2 splits digits one by one, Llama 3 ("llama-bpe") in runs of up to three, both keep "'s" apart."""
     vocab = {"tokens": ["a"], "types": [1], "ids": {"unknown": None, "bos": None, "eos": None}, "vocab": {"a": 0},
-             "merges": [], "add_bos": False, "add_eos": False}
+             "merges": [], "add_bos": False, "add_eos": False, "spm": False}
     pieces = {pre: [p for p, _ in convert.build_tokenizer({**vocab, "pre": pre}).pre_tokenizer.pre_tokenize_str(
         "It's 12345 ok")] for pre in ("qwen2", "llama-bpe")}
     assert pieces["llama-bpe"] == ["It", "'s", "Ġ", "123", "45", "Ġok"]
     assert pieces["qwen2"] == ["It", "'s", "Ġ", "1", "2", "3", "4", "5", "Ġok"]
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_gemma_gguf_with_a_sentencepiece_vocabulary(arch, tmp_path):
+    """A tiny Gemma, Gemma 2 (soft-capping, a window shorter than the input) / Gemma 3 (q/k norms, a window pattern) ->
+    GGUF as llama.cpp writes it (norm weights as 1 + w, the sandwich norms' names, a sentencepiece vocabulary of
+    pieces, scores and types) -> convert_gguf -> transformers' logits, and sentencepiece's own tokens."""
+    import gguf
+    import sentencepiece as spm
+    import transformers
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((TEXT + "\nNumbers 12345 and Ünïcödé words, café.  Two  spaces\tand a tab.\n") * 40)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, add_dummy_prefix=False, minloglevel=2,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity",
+                                   user_defined_symbols=["<start_of_turn>"])
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+    common = dict(vocab_size=n, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gemma":
+        cfg = transformers.GemmaConfig(**common)
+    elif arch == "gemma2":
+        cfg = transformers.Gemma2Config(**common, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    else:
+        cfg = transformers.Gemma3TextConfig(**common, sliding_window_pattern=2, rope_local_base_freq=10000.0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.3 if "embed" in name else 0.15 if p.dim() == 2 else 0.1)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    gg = {v: k for k, v in {**convert.LAYER_NAMES, **(convert.SANDWICH_NAMES if arch != "gemma" else {})}.items()}
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"] + 1}
+    for key, t in sd.items():
+        parts = key.split(".")
+        if parts[:2] == ["model", "layers"]:
+            tensors[f"blk.{parts[2]}.{gg['.'.join(parts[3:-1])]}.{parts[-1]}"] = t + 1 if "norm" in key else t
+    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), arch=arch)
+    for add, value in [(w.add_block_count, 4), (w.add_context_length, 256), (w.add_embedding_length, 64),
+                       (w.add_feed_forward_length, 96), (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                       (w.add_key_length, 16), (w.add_value_length, 16), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
+                       (w.add_rope_freq_base, cfg.rope_theta), (w.add_sliding_window, 5)]:
+        add(value)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(2.0)
+        w.add_final_logit_softcapping(3.0)
+    elif arch == "gemma3":
+        w.add_sliding_window_pattern(2)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                       else 4 if sp.id_to_piece(i) == "<start_of_turn>" else 1 for i in range(n)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+    for name, t in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+    out = convert.convert_gguf(finish_gguf(w, tmp_path / "tiny.gguf"), tmp_path / "out", progress=False)
+    ours = lcdfast.load(out, compile=False)
+    ids = torch.randint(3, n, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert (ours.layer_logits(ids, [ours.n_layers])[0] - ref).abs().max() < 1e-4
+    for text in (TEXT, "The fox jumps  over", "  leading spaces", "Ünïcödé 日本 🎉 café", "a\tb\nc 12345,",
+                 "x<start_of_turn>y"):
+        ids = ours.tokenizer.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text), text
+        assert ours.tokenizer.decode(ids) == sp.decode(ids), text
+    assert ours.tokenizer.encode("hi")[0] == 1  # add_bos_token
+
+
+def test_sentencepiece_pieces_with_a_dummy_prefix_tokenize_as_sentencepiece(tmp_path):
+    """LLaMA-2-style vocabularies (add_dummy_prefix): the rebuilt BPE prepends '▁' and strips it on decode."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((TEXT + "\nNumbers 12345 and Ünïcödé words, café.  Two  spaces\n") * 40)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)  # as LLaMA 2
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in range(len(tokens))]
+    scores = [sp.get_score(i) for i in range(len(tokens))]
+    vocab = {"tokens": tokens, "types": types, "vocab": {t: i for i, t in enumerate(tokens)}, "spm": True,
+             "merges": convert.spm_merges(tokens, scores, types), "ids": {"unknown": 0, "bos": 1, "eos": 2},
+             "add_bos": False, "add_eos": False, "space_prefix": True, "pre": None}
+    tok = convert.build_tokenizer(vocab)
+    for text in (TEXT, "The fox jumps  over", "Ünïcödé 日本 🎉", "12345 numbers,"):
+        ids = tok.encode(text).ids
+        assert ids == sp.encode(text) and tok.decode(ids) == sp.decode(ids), text
