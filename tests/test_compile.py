@@ -21,7 +21,8 @@ CONFIGS = {
 
 OTHER_FAMILIES = [("acd", "qwen3-untied"), ("greedy", "qwen2-tied"), ("sample", "neox-parallel"),
                   ("dola", "neox-parallel"), ("acd", "gpt-neo"), ("acd", "gemma2-softcap"), ("dola", "gemma2-softcap"),
-                  ("sample", "gemma3-untied"), ("sample", "phi3-partial-tied")]
+                  ("sample", "gemma3-untied"), ("sample", "phi3-partial-tied"), ("greedy", "gemma"),
+                  ("greedy", "neox-sequential-tied")]
 
 
 @pytest.mark.parametrize("name, kind", [(name, "llama-untied") for name in CONFIGS] + OTHER_FAMILIES)

@@ -367,7 +367,7 @@ def test_eval_with_lens_specs_end_to_end(tiny_dir, lens_file, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen3-untied", "neox-parallel", "gpt-neo", "gemma2-softcap", "gemma3-untied",
-                                  "phi3-window"])
+                                  "phi3-window", "qwen2-untied", "gemma"])
 def test_lenses_trained_heads_and_acd_on_every_family(kind, tiny_dir, data_file, tmp_path):
     """A lens and trained heads for each family: the last layer's lens is the identity, the heads' loss falls, and
     ACD through either (the masked candidates path too, soft-capped on Gemma 2) equals the float64 reference fed
@@ -397,6 +397,6 @@ def test_lenses_trained_heads_and_acd_on_every_family(kind, tiny_dir, data_file,
                 ref = acd_reference(expert.double(), amateur.double(), 0.05, 1)
                 assert torch.allclose(ours.double(), ref, atol=1e-4), (kind, file.name, candidates)
         out = engine.generate("The quick", method="acd", amateur_layer=layer, max_new_tokens=6)[0]
-        assert len(out.token_ids) == 6
+        assert len(out.token_ids) == 6 or out.finish_reason == "eos"
     if model.config.final_softcap:  # exits read through the norm are capped like the final layer's
         assert amateur.abs().max() <= model.config.final_softcap

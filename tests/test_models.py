@@ -73,7 +73,8 @@ def test_greedy_tokens_match_transformers(kind, penalty, tiny_dir):
 
 
 @pytest.mark.parametrize("kind", ["llama-tied-gqa", "gpt2", "opt-350m-style", "qwen3-untied", "neox-parallel",
-                                  "gpt-neo", "gemma2-softcap", "gemma3-untied", "phi3-window"])
+                                  "gpt-neo", "gemma2-softcap", "gemma3-untied", "phi3-window", "qwen2-untied",
+                                  "gemma", "neox-sequential-tied"])
 @pytest.mark.parametrize("dc", [DecodeConfig(), DecodeConfig(repetition_penalty=1.2),
                                 DecodeConfig(method="sample", do_sample=True, temperature=0.9, top_k=40, top_p=0.9)])
 def test_batched_equals_one_by_one(kind, dc, tiny_dir):
