@@ -157,7 +157,13 @@ def build_seeds(root: Path) -> dict:
         "gpt2": transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=64, **ids),
         "opt": transformers.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                       num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16,
-                                      pad_token_id=0, **ids)}
+                                      pad_token_id=0, **ids),
+        "gemma2": transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                            max_position_embeddings=64, sliding_window=4, pad_token_id=0, **ids),
+        "gpt_neox": transformers.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, max_position_embeddings=64, rotary_pct=0.5,
+                                               **ids)}
     torch.manual_seed(0)
     dirs = {name: root / name for name in configs}
     for name, cfg in configs.items():
@@ -530,7 +536,7 @@ def make_case(rng: random.Random, seeds: dict, case_dir: Path, corpus: str | Non
     if corpus in ("sharded", "sentencepiece"):
         shutil.copytree(seeds[corpus], model)
         return corpus, (mutate_sharded if corpus == "sharded" else mutate_sentencepiece)(rng, model)
-    family = "llama" if corpus == "heads" else rng.choice(sorted(seeds["dirs"]))
+    family = "llama" if corpus == "heads" else rng.choice(sorted(seeds["codes" if corpus == "codes" else "dirs"]))
     shutil.copytree(seeds["codes" if corpus == "codes" else "dirs"][family], model)
     if corpus == "codes":
         if rng.random() < 0.8:

@@ -251,7 +251,7 @@ def gemma_config(c: Checked) -> ModelConfig:
     kind = c.hf.get("model_type")
     key = "hidden_act" if kind == "gemma" else "hidden_activation"
     act = c.hf.get(key) or "gelu_pytorch_tanh"
-    if act not in GELU:
+    if not isinstance(act, str) or act not in GELU:
         raise LcdError(f"{c.path}: {key} {shown(act)} unsupported (expected gelu_pytorch_tanh or gelu)")
     dim, vocab, heads = c.size("hidden_size", "dim"), c.size("vocab_size", "vocab_size"), c.size("num_attention_heads",
                                                                                                   "n_heads")

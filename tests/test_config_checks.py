@@ -83,6 +83,7 @@ BAD_VALUES = [  # (family, key, value, what the message must name)
     ("gpt_neo", "window_size", 0, "window_size"), ("gpt_neo", "num_heads", 3, "does not split into 3"),
     ("gpt_neo", "activation_function", "relu", "activation_function"),
     ("gemma", "hidden_act", "silu", "hidden_act"), ("gemma2", "hidden_activation", "relu", "hidden_activation"),
+    ("gemma2", "hidden_activation", [1], "hidden_activation"),
     *[("gemma2", key, v, key) for key in ("attn_logit_softcapping", "final_logit_softcapping") for v in (0, NAN, "30")],
     ("gemma2", "query_pre_attn_scalar", 0, "query_pre_attn_scalar"), ("gemma2", "sliding_window", 0, "sliding_window"),
     ("gemma3_text", "sliding_window_pattern", 0, "sliding_window_pattern"),
