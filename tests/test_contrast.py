@@ -117,9 +117,11 @@ def test_js_divergence_is_dolas_formula(compiled):
     assert got[2, 1].abs().item() < 1e-8
 
 
-def test_cd_matches_direct_computation(tiny_dir):
-    expert_path, expert_hf = tiny_dir("llama-tied-gqa")
-    amateur_path, amateur_hf = tiny_dir("llama-amateur")
+@pytest.mark.parametrize("expert_kind, amateur_kind", [("llama-tied-gqa", "llama-amateur"),
+                                                       ("gemma2-softcap", "gemma"), ("qwen3-untied", "qwen2-tied")])
+def test_cd_matches_direct_computation(expert_kind, amateur_kind, tiny_dir):
+    expert_path, expert_hf = tiny_dir(expert_kind)
+    amateur_path, amateur_hf = tiny_dir(amateur_kind)
     expert, amateur = load_model(expert_path), load_model(amateur_path)
     torch.manual_seed(5)
     prompt = torch.randint(3, VOCAB, (8,)).tolist()
