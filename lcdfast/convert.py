@@ -295,21 +295,24 @@ def read_config(reader, path: Path) -> dict:
 def gemma_config(reader, path: Path, arch: str, n_layers: int, dim: int, n_heads: int, head_dim: int) -> dict:
     """Gemma's config.json keys that GGUF holds (soft-capping, the window, the window pattern) or that llama.cpp
     derives: queries scaled by 1/sqrt(head_dim), by 1/sqrt(dim / heads) in the 27B models (46 layers in Gemma 2,
-    62 in Gemma 3), and Gemma 3's local rotary base of 10000."""
-    cap = lambda key: (_real(reader, path, f"{arch}.{key}", (1e-3, 1e6), None)  # noqa: E731
-                       if _field(reader, path, f"{arch}.{key}", "float", None) is not None else None)
+    62 in Gemma 3); Gemma 2 always capped (50 and 30 where an older file doesn't say); Gemma 3 never capped, its
+    global rotary base 1e6 and its local one 10000 unless the file says."""
+    cap = lambda key, default: _real(reader, path, f"{arch}.{key}", (1e-3, 1e6), default)  # noqa: E731
     out = {"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh"}
     if arch == "gemma":
         return out
     big = n_layers == {"gemma2": 46, "gemma3": 62}[arch]
     out.update({"query_pre_attn_scalar": dim // n_heads if big else head_dim,
-                "sliding_window": _size(reader, path, f"{arch}.attention.sliding_window", MAX_CONTEXT, 4096),
-                "final_logit_softcapping": cap("final_logit_softcapping")})
+                "sliding_window": _size(reader, path, f"{arch}.attention.sliding_window", MAX_CONTEXT, 4096)})
     if arch == "gemma2":
-        out["attn_logit_softcapping"] = cap("attn_logit_softcapping")
-    else:
-        out.update({"sliding_window_pattern": _size(reader, path, f"{arch}.attention.sliding_window_pattern",
-                                                    MAX_LAYERS, 6), "rope_local_base_freq": 10000.0})
+        out.update({"attn_logit_softcapping": cap("attn_logit_softcapping", 50.0),
+                    "final_logit_softcapping": cap("final_logit_softcapping", 30.0)})
+        return out
+    base = lambda key, default: _real(reader, path, f"{arch}.{key}", THETA, default)  # noqa: E731 - Ollama: global/local
+    out.update({"sliding_window_pattern": _size(reader, path, f"{arch}.attention.sliding_window_pattern", MAX_LAYERS,
+                                                6), "final_logit_softcapping": None,
+                "rope_theta": base("rope.freq_base", base("rope.global.freq_base", 1e6)),
+                "rope_local_base_freq": base("rope.local.freq_base", 10000.0)})
     return out
 
 
@@ -430,9 +433,12 @@ def read_vocab(reader, path: Path, cfg: dict) -> dict:
     types = _field(reader, path, "tokenizer.ggml.token_type", "int[]", [1] * len(tokens))
     if len(types) != len(tokens):
         raise LcdError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    ids = {key: _token_id(reader, path, key, len(tokens)) for key in ("bos", "eos", "padding", "unknown")}
+    ids = {key: _token_id(reader, path, key, len(tokens)) for key in ("bos", "eos", "padding", "unknown", "eot")}
     vocab = {t: i for i, t in enumerate(tokens)}
     spm = _field(reader, path, "tokenizer.ggml.model", "str") == "llama"
+    if spm:  # llama.cpp's defaults for sentencepiece vocabularies that don't say: <unk> 0, <s> 1, </s> 2
+        ids.update({key: i for key, i in (("unknown", 0), ("bos", 1), ("eos", 2)) if ids[key] is None
+                    and i < len(tokens)})
     if spm:  # sentencepiece BPE: scores instead of merges, the merges rebuilt from them
         scores = _field(reader, path, "tokenizer.ggml.scores", "float[]")
         if len(scores) != len(tokens) or not all(map(math.isfinite, scores)):
@@ -450,7 +456,8 @@ def read_vocab(reader, path: Path, cfg: dict) -> dict:
         raise LcdError(f"{path}: tokenizer.ggml.pre is {shown(pre)}; lcdfast knows "
                        f"{', '.join(p for p in PRE_TOKENIZERS if p)}")
     return {"tokens": tokens, "types": types, "merges": merges, "vocab": vocab, "ids": ids, "spm": spm,
-            "add_bos": flag("add_bos_token"), "add_eos": flag("add_eos_token"),
+            "add_bos": _field(reader, path, "tokenizer.ggml.add_bos_token", "bool", spm),  # llama.cpp's default
+            "add_eos": flag("add_eos_token"),
             "space_prefix": _field(reader, path, "tokenizer.ggml.add_space_prefix", "bool", True), "pre": pre,
             "chat_template": _field(reader, path, "tokenizer.chat_template", "str", None)}
 
@@ -585,6 +592,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     tensors = read_tensors(reader, path, cfg, progress)
     blocks = kept_blocks(reader, path, cfg, mcfg)
     tok = build_tokenizer(vocab)
+    cfg.update(bos_token_id=vocab["ids"]["bos"], eos_token_id=vocab["ids"]["eos"])  # with llama.cpp's SPM defaults
+    ends = [vocab["ids"]["eot"], vocab["vocab"].get("<end_of_turn>")]  # an end of turn stops as EOS does (Gemma)
+    stops = list(dict.fromkeys(i for i in [cfg["eos_token_id"], *ends] if i is not None))
+    if len(stops) > 1:
+        cfg["eos_token_id"] = stops
     files = {"config.json": cfg, "tokenizer_config.json": tokenizer_config(vocab, cfg),
              "generation_config.json": {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
     try:

@@ -753,7 +753,7 @@ def test_gemma_gguf_with_a_sentencepiece_vocabulary(arch, tmp_path):
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
                                    model_type="bpe", byte_fallback=True, add_dummy_prefix=False, minloglevel=2,
                                    remove_extra_whitespaces=False, normalization_rule_name="identity",
-                                   user_defined_symbols=["<start_of_turn>"])
+                                   user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     n = sp.get_piece_size()
     common = dict(vocab_size=n, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -792,11 +792,12 @@ def test_gemma_gguf_with_a_sentencepiece_vocabulary(arch, tmp_path):
     w.add_token_list([sp.id_to_piece(i) for i in range(n)])
     w.add_token_scores([sp.get_score(i) for i in range(n)])
     w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                       else 4 if sp.id_to_piece(i) == "<start_of_turn>" else 1 for i in range(n)])
+                       else 4 if sp.id_to_piece(i).endswith("_of_turn>") else 1 for i in range(n)])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
+    if arch != "gemma3":  # absent: a sentencepiece vocabulary adds BOS (llama.cpp's default)
+        w.add_add_bos_token(True)
     w.add_add_space_prefix(False)
     for name, t in tensors.items():
         w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
@@ -812,6 +813,8 @@ def test_gemma_gguf_with_a_sentencepiece_vocabulary(arch, tmp_path):
         assert ids == sp.encode(text), text
         assert ours.tokenizer.decode(ids) == sp.decode(ids), text
     assert ours.tokenizer.encode("hi")[0] == 1  # add_bos_token
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == [2, sp.piece_to_id("<end_of_turn>")]  # the end of a turn stops too
 
 
 def test_sentencepiece_pieces_with_a_dummy_prefix_tokenize_as_sentencepiece(tmp_path):
@@ -835,3 +838,16 @@ def test_sentencepiece_pieces_with_a_dummy_prefix_tokenize_as_sentencepiece(tmp_
     for text in (TEXT, "The fox jumps  over", "Ünïcödé 日本 🎉", "12345 numbers,"):
         ids = tok.encode(text).ids
         assert ids == sp.encode(text) and tok.decode(ids) == sp.decode(ids), text
+
+
+def test_gemma_metadata_defaults_follow_llama_cpp():
+    """What an older or a lean Gemma GGUF leaves out: Gemma 2 capped at 50 / 30, Gemma 3 uncapped with rotary
+    bases 1e6 / 10000 and a window on five layers in six; the 27B models' queries scaled by hidden / heads."""
+    from types import SimpleNamespace
+
+    bare = SimpleNamespace(fields={})
+    g2 = convert.gemma_config(bare, Path("x.gguf"), "gemma2", 26, 2304, 8, 256)
+    assert (g2["attn_logit_softcapping"], g2["final_logit_softcapping"], g2["query_pre_attn_scalar"]) == (50, 30, 256)
+    g3 = convert.gemma_config(bare, Path("x.gguf"), "gemma3", 62, 5376, 32, 128)
+    assert g3["final_logit_softcapping"] is None and g3["query_pre_attn_scalar"] == 168
+    assert (g3["rope_theta"], g3["rope_local_base_freq"], g3["sliding_window_pattern"]) == (1e6, 1e4, 6)
