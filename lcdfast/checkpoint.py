@@ -168,24 +168,37 @@ def rope_scaling(c: Checked) -> dict | None:
     return scaling
 
 
-def llama_config(c: Checked, family: str = "llama") -> ModelConfig:
+def llama_config(c: Checked, family: str = "llama", head_dim: int = 0) -> ModelConfig:
+    """LLaMA and Mistral; the block Qwen and Phi-3 build on (`head_dim`: the default when config.json has none)."""
     act = c.hf.get("hidden_act", "silu")
     if act != "silu":
         raise LcdError(f"{c.path}: hidden_act {shown(act)} unsupported (expected silu)")
     dim, vocab = c.size("hidden_size", "dim"), c.size("vocab_size", "vocab_size")
     heads = c.size("num_attention_heads", "n_heads")
-    # Mistral: a query sees only the last `sliding_window` positions (itself included); 0: all
-    window = c.size("sliding_window", "attention_window", 0, low=0) if c.hf.get("model_type") == "mistral" else 0
+    # Mistral, Phi-3: a query sees only the last `sliding_window` positions (itself included); 0: all
+    windowed = c.hf.get("model_type") in ("mistral", "phi3")
+    window = c.size("sliding_window", "attention_window", 0, low=0) if windowed else 0
     return ModelConfig(
         family=family, vocab_size=vocab, dim=dim, n_layers=c.size("num_hidden_layers", "n_layers"), n_heads=heads,
         n_kv_heads=c.size("num_key_value_heads", "n_kv_heads", heads),
-        head_dim=c.size("head_dim", "head_dim", dim // heads), hidden_dim=c.size("intermediate_size", "hidden_dim"),
+        head_dim=c.size("head_dim", "head_dim", head_dim or dim // heads),
+        hidden_dim=c.size("intermediate_size", "hidden_dim"),
         norm="rmsnorm", norm_eps=c.number("rms_norm_eps", 1e-6, EPS), activation="silu", gated_mlp=True,
         attn_bias=c.flag("attention_bias", False), mlp_bias=c.flag("mlp_bias", False), positions="rotary",
         rope_theta=c.number("rope_theta", 10000.0, THETA), rope_scaling=rope_scaling(c),
         max_positions=c.size("max_position_embeddings", "max_positions", 2048), attention_window=window,
         tie_embeddings=c.flag("tie_word_embeddings", False), **c.special_tokens(vocab),
     )
+
+
+def rotary_dims(c: Checked, key: str, default: float, head_dim: int) -> int:
+    """How many of each head's dims rotate: head_dim times the fraction `key` (NeoX's rotary_pct, Phi's
+    partial_rotary_factor), an even number of at least 2."""
+    rotary = int(head_dim * c.number(key, default, (0.0, 1.0)))
+    if rotary < 2 or rotary % 2:
+        raise LcdError(f"{c.path}: {key} {c.hf.get(key, default)} rotates {rotary} of each head's {head_dim} dims; "
+                       "lcdfast needs an even number >= 2")
+    return rotary
 
 
 def neox_config(c: Checked) -> ModelConfig:
@@ -198,11 +211,7 @@ def neox_config(c: Checked) -> ModelConfig:
                                                                                                   "n_heads")
     if dim % heads:
         raise LcdError(f"{c.path}: hidden_size {dim} does not split into {heads} attention heads")
-    head_dim = dim // heads
-    rotary = int(head_dim * c.number("rotary_pct", 0.25, (0.0, 1.0)))
-    if rotary < 2 or rotary % 2:
-        raise LcdError(f"{c.path}: rotary_pct {c.hf.get('rotary_pct', 0.25)} rotates {rotary} of each head's "
-                       f"{head_dim} dims; lcdfast needs an even number >= 2")
+    rotary = rotary_dims(c, "rotary_pct", 0.25, dim // heads)
     bias = c.flag("attention_bias", True)
     return ModelConfig(
         family="gpt_neox", vocab_size=vocab, dim=dim, n_layers=c.size("num_hidden_layers", "n_layers"), n_heads=heads,
@@ -222,22 +231,15 @@ def qwen_config(c: Checked) -> ModelConfig:
         raise LcdError(f"{c.path}: use_sliding_window=true unsupported (windowed layers past max_window_layers)")
     qwen3 = c.hf.get("model_type") == "qwen3"
     bias = c.flag("attention_bias", False) if qwen3 else True
-    cfg = llama_config(c, family="qwen3" if qwen3 else "qwen2")
-    head_dim = c.size("head_dim", "head_dim", 128) if qwen3 else cfg.head_dim  # Qwen3Config's default: 128
-    return dataclasses.replace(cfg, attn_bias=bias, attn_out_bias=bias and qwen3, qk_norm=qwen3, head_dim=head_dim,
-                               rotary_dim=head_dim, attn_scale=head_dim ** -0.5)
+    cfg = llama_config(c, family="qwen3" if qwen3 else "qwen2", head_dim=128 if qwen3 else 0)  # Qwen3Config's: 128
+    return dataclasses.replace(cfg, attn_bias=bias, attn_out_bias=bias and qwen3, qk_norm=qwen3)
 
 
 def phi3_config(c: Checked) -> ModelConfig:
     """Phi-3 (and Phi-4-mini): the LLaMA block with fused qkv_proj and gate_up_proj, a sliding_window over every
     layer, rotary over the first partial_rotary_factor of each head; longrope scaling is refused."""
     cfg = llama_config(c, family="phi3")
-    rotary = int(cfg.head_dim * c.number("partial_rotary_factor", 1.0, (0.0, 1.0)))
-    if rotary < 2 or rotary % 2:
-        raise LcdError(f"{c.path}: partial_rotary_factor {c.hf.get('partial_rotary_factor')} rotates {rotary} of each "
-                       f"head's {cfg.head_dim} dims; lcdfast needs an even number >= 2")
-    window = c.size("sliding_window", "attention_window", 0, low=0)
-    return dataclasses.replace(cfg, rotary_dim=rotary, attention_window=window, layer_windows=[window] * cfg.n_layers)
+    return dataclasses.replace(cfg, rotary_dim=rotary_dims(c, "partial_rotary_factor", 1.0, cfg.head_dim))
 
 
 GELU = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}  # transformers' names -> ours
@@ -305,126 +307,122 @@ def read_config(model_dir: str | Path) -> ModelConfig:
     return model_config(read_json(path), path)
 
 
-# Per family: our parameter name -> (checkpoint names concatenated along dim 0, stored [in, out]).
-# Our Linear weights are [out, in] like nn.Linear's; GPT-2's Conv1D weights are [in, out] and get transposed.
-def gpt2_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
-    names = {"tok_embeddings.weight": (["wte.weight"], False), "pos_embeddings.weight": (["wpe.weight"], False)}
+# Per family: our parameter name -> (checkpoint names concatenated along dim 0, their layout: "" as ours,
+# "conv1d" [in, out] (GPT-2's Conv1D, transposed), "per_head_qkv" (GPT-NeoX's q, k, v rows head by head);
+# stored_as_ours). Our Linear weights are [out, in] like nn.Linear's.
+def gpt2_names(cfg: ModelConfig) -> dict[str, tuple[list[str], str]]:
+    names = {"tok_embeddings.weight": (["wte.weight"], ""), "pos_embeddings.weight": (["wpe.weight"], "")}
     # GPT-2's head is always tied to wte
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"h.{i}."
         for part in ("weight", "bias"):
-            names[ours + f"attention_norm.{part}"] = ([hf + f"ln_1.{part}"], False)
-            names[ours + f"ffn_norm.{part}"] = ([hf + f"ln_2.{part}"], False)
-            conv1d = part == "weight"
-            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attn.c_attn.{part}"], conv1d)
-            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.c_proj.{part}"], conv1d)
-            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], conv1d)
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], conv1d)
-    names["norm.weight"], names["norm.bias"] = (["ln_f.weight"], False), (["ln_f.bias"], False)
+            names[ours + f"attention_norm.{part}"] = ([hf + f"ln_1.{part}"], "")
+            names[ours + f"ffn_norm.{part}"] = ([hf + f"ln_2.{part}"], "")
+            layout = "conv1d" if part == "weight" else ""
+            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attn.c_attn.{part}"], layout)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.c_proj.{part}"], layout)
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], layout)
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], layout)
+    names["norm.weight"], names["norm.bias"] = (["ln_f.weight"], ""), (["ln_f.bias"], "")
     return names
 
 
-def gpt_neo_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
-    names = {"tok_embeddings.weight": (["wte.weight"], False), "pos_embeddings.weight": (["wpe.weight"], False)}
+def gpt_neo_names(cfg: ModelConfig) -> dict[str, tuple[list[str], str]]:
+    names = {"tok_embeddings.weight": (["wte.weight"], ""), "pos_embeddings.weight": (["wpe.weight"], "")}
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"h.{i}."
-        names[ours + "attention.wqkv.weight"] = ([hf + f"attn.attention.{p}_proj.weight" for p in "qkv"], False)
+        names[ours + "attention.wqkv.weight"] = ([hf + f"attn.attention.{p}_proj.weight" for p in "qkv"], "")
         for part in ("weight", "bias"):
-            names[ours + f"attention_norm.{part}"] = ([hf + f"ln_1.{part}"], False)
-            names[ours + f"ffn_norm.{part}"] = ([hf + f"ln_2.{part}"], False)
-            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.attention.out_proj.{part}"], False)
-            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], False)
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], False)
-    names["norm.weight"], names["norm.bias"] = (["ln_f.weight"], False), (["ln_f.bias"], False)
+            names[ours + f"attention_norm.{part}"] = ([hf + f"ln_1.{part}"], "")
+            names[ours + f"ffn_norm.{part}"] = ([hf + f"ln_2.{part}"], "")
+            names[ours + f"attention.wo.{part}"] = ([hf + f"attn.attention.out_proj.{part}"], "")
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.c_fc.{part}"], "")
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.c_proj.{part}"], "")
+    names["norm.weight"], names["norm.bias"] = (["ln_f.weight"], ""), (["ln_f.bias"], "")
     return names
 
 
-def opt_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
-    names = {"tok_embeddings.weight": (["embed_tokens.weight"], False),
-             "pos_embeddings.weight": (["embed_positions.weight"], False)}
+def opt_names(cfg: ModelConfig) -> dict[str, tuple[list[str], str]]:
+    names = {"tok_embeddings.weight": (["embed_tokens.weight"], ""),
+             "pos_embeddings.weight": (["embed_positions.weight"], "")}
     if cfg.embed_dim != cfg.dim:
-        names["project_in.weight"] = (["project_in.weight"], False)
-        names["project_out.weight"] = (["project_out.weight"], False)
+        names["project_in.weight"] = (["project_in.weight"], "")
+        names["project_out.weight"] = (["project_out.weight"], "")
     parts = ("weight", "bias")
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"layers.{i}."
         for part in parts:
-            names[ours + f"attention_norm.{part}"] = ([hf + f"self_attn_layer_norm.{part}"], False)
-            names[ours + f"ffn_norm.{part}"] = ([hf + f"final_layer_norm.{part}"], False)
+            names[ours + f"attention_norm.{part}"] = ([hf + f"self_attn_layer_norm.{part}"], "")
+            names[ours + f"ffn_norm.{part}"] = ([hf + f"final_layer_norm.{part}"], "")
         for part in parts if cfg.attn_bias else parts[:1]:
             qkv = [hf + f"self_attn.{p}_proj.{part}" for p in "qkv"]
             names[ours + f"attention.wqkv.{part}"] = (qkv, False)
-            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.out_proj.{part}"], False)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.out_proj.{part}"], "")
         for part in parts if cfg.mlp_bias else parts[:1]:
-            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"fc1.{part}"], False)
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"fc2.{part}"], False)
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"fc1.{part}"], "")
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"fc2.{part}"], "")
     if cfg.final_norm:
-        names["norm.weight"] = (["final_layer_norm.weight"], False)
-        names["norm.bias"] = (["final_layer_norm.bias"], False)
+        names["norm.weight"] = (["final_layer_norm.weight"], "")
+        names["norm.bias"] = (["final_layer_norm.bias"], "")
     return names
 
 
-def llama_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
-    names = {"tok_embeddings.weight": (["embed_tokens.weight"], False), "norm.weight": (["norm.weight"], False)}
+def llama_names(cfg: ModelConfig) -> dict[str, tuple[list[str], str]]:
+    names = {"tok_embeddings.weight": (["embed_tokens.weight"], ""), "norm.weight": (["norm.weight"], "")}
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"layers.{i}."
-        names[ours + "attention_norm.weight"] = ([hf + "input_layernorm.weight"], False)
-        names[ours + "ffn_norm.weight"] = ([hf + "post_attention_layernorm.weight"], False)
+        names[ours + "attention_norm.weight"] = ([hf + "input_layernorm.weight"], "")
+        names[ours + "ffn_norm.weight"] = ([hf + "post_attention_layernorm.weight"], "")
         for part in ("weight", "bias") if cfg.attn_bias else ("weight",):
-            names[ours + f"attention.wqkv.{part}"] = ([hf + f"self_attn.{p}_proj.{part}" for p in "qkv"], False)
+            names[ours + f"attention.wqkv.{part}"] = ([hf + f"self_attn.{p}_proj.{part}" for p in "qkv"], "")
         for part in ("weight", "bias") if cfg.attn_out_bias else ("weight",):
-            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.o_proj.{part}"], False)
+            names[ours + f"attention.wo.{part}"] = ([hf + f"self_attn.o_proj.{part}"], "")
         if cfg.qk_norm:
-            names[ours + "attention.q_norm.weight"] = ([hf + "self_attn.q_norm.weight"], False)
-            names[ours + "attention.k_norm.weight"] = ([hf + "self_attn.k_norm.weight"], False)
+            names[ours + "attention.q_norm.weight"] = ([hf + "self_attn.q_norm.weight"], "")
+            names[ours + "attention.k_norm.weight"] = ([hf + "self_attn.k_norm.weight"], "")
         for part in ("weight", "bias") if cfg.mlp_bias else ("weight",):
             gate_up = [hf + f"mlp.gate_proj.{part}", hf + f"mlp.up_proj.{part}"]
             names[ours + f"feed_forward.w13.{part}"] = (gate_up, False)
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.down_proj.{part}"], False)
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.down_proj.{part}"], "")
     return names
 
 
-def neox_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
-    names = {"tok_embeddings.weight": (["embed_in.weight"], False)}
+def neox_names(cfg: ModelConfig) -> dict[str, tuple[list[str], str]]:
+    names = {"tok_embeddings.weight": (["embed_in.weight"], "")}
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"layers.{i}."
         for part in ("weight", "bias"):
-            names[ours + f"attention_norm.{part}"] = ([hf + f"input_layernorm.{part}"], False)
-            names[ours + f"ffn_norm.{part}"] = ([hf + f"post_attention_layernorm.{part}"], False)
-            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.dense_h_to_4h.{part}"], False)
-            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.dense_4h_to_h.{part}"], False)
+            names[ours + f"attention_norm.{part}"] = ([hf + f"input_layernorm.{part}"], "")
+            names[ours + f"ffn_norm.{part}"] = ([hf + f"post_attention_layernorm.{part}"], "")
+            names[ours + f"feed_forward.w13.{part}"] = ([hf + f"mlp.dense_h_to_4h.{part}"], "")
+            names[ours + f"feed_forward.w2.{part}"] = ([hf + f"mlp.dense_4h_to_h.{part}"], "")
         for part in ("weight", "bias") if cfg.attn_bias else ("weight",):
-            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attention.query_key_value.{part}"], False)
-            names[ours + f"attention.wo.{part}"] = ([hf + f"attention.dense.{part}"], False)
-    names["norm.weight"], names["norm.bias"] = (["final_layer_norm.weight"], False), (["final_layer_norm.bias"], False)
+            names[ours + f"attention.wqkv.{part}"] = ([hf + f"attention.query_key_value.{part}"], "per_head_qkv")
+            names[ours + f"attention.wo.{part}"] = ([hf + f"attention.dense.{part}"], "")
+    names["norm.weight"], names["norm.bias"] = (["final_layer_norm.weight"], ""), (["final_layer_norm.bias"], "")
     return names
 
 
-def per_head_qkv(cfg: ModelConfig, tensor: Tensor) -> Tensor:
-    """GPT-NeoX's fused QKV rows [H * (q, k, v) * D, ...], head by head, as ours: all q rows, all k, all v."""
-    return tensor.view(cfg.n_heads, 3, cfg.head_dim, -1).transpose(0, 1).reshape(tensor.shape)
-
-
-def phi3_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
+def phi3_names(cfg: ModelConfig) -> dict[str, tuple[list[str], str]]:
     """LLaMA's names with q, k, v and gate, up each stored fused, in our order."""
     names = llama_names(cfg)
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"layers.{i}."
-        names[ours + "attention.wqkv.weight"] = ([hf + "self_attn.qkv_proj.weight"], False)
-        names[ours + "feed_forward.w13.weight"] = ([hf + "mlp.gate_up_proj.weight"], False)
+        names[ours + "attention.wqkv.weight"] = ([hf + "self_attn.qkv_proj.weight"], "")
+        names[ours + "feed_forward.w13.weight"] = ([hf + "mlp.gate_up_proj.weight"], "")
     return names
 
 
-def gemma_names(cfg: ModelConfig) -> dict[str, tuple[list[str], bool]]:
+def gemma_names(cfg: ModelConfig) -> dict[str, tuple[list[str], str]]:
     """LLaMA's names; Gemma 2/3's post_attention_layernorm follows attention, and pre_feedforward_layernorm is the
     norm before the MLP."""
     names = llama_names(cfg)
     if cfg.sandwich_norm:
         for i in range(cfg.n_layers):
             ours, hf = f"layers.{i}.", f"layers.{i}."
-            names[ours + "ffn_norm.weight"] = ([hf + "pre_feedforward_layernorm.weight"], False)
-            names[ours + "post_attention_norm.weight"] = ([hf + "post_attention_layernorm.weight"], False)
-            names[ours + "post_ffn_norm.weight"] = ([hf + "post_feedforward_layernorm.weight"], False)
+            names[ours + "ffn_norm.weight"] = ([hf + "pre_feedforward_layernorm.weight"], "")
+            names[ours + "post_attention_norm.weight"] = ([hf + "post_attention_layernorm.weight"], "")
+            names[ours + "post_ffn_norm.weight"] = ([hf + "post_feedforward_layernorm.weight"], "")
     return names
 
 
@@ -480,14 +478,24 @@ def finite(t: Tensor) -> bool:
     return all(map(math.isfinite, torch.aminmax(t)))
 
 
-def part_shapes(cfg: ModelConfig, want: torch.Size, n: int, conv1d: bool) -> list[tuple[int, ...]]:
+def part_shapes(cfg: ModelConfig, want: torch.Size, n: int, layout: str) -> list[tuple[int, ...]]:
     """The stored shape of each of the `n` checkpoint tensors that make up one of ours of shape `want`: q, k, v or
     gate, up stacked along dim 0; a GPT-2 Conv1D weight transposed."""
-    if conv1d:
+    if layout == "conv1d":
         return [tuple(want)[::-1]]
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     rows = {1: [want[0]], 2: [cfg.hidden_dim] * 2, 3: [q, kv, kv]}[n]
     return [(r, *want[1:]) for r in rows]
+
+
+def stored_as_ours(cfg: ModelConfig, tensor: Tensor, layout: str) -> Tensor:
+    """A checkpoint tensor (its parts concatenated) in our layout: a Conv1D weight transposed; GPT-NeoX's fused
+    QKV rows, head by head [H * (q, k, v) * D, ...], as all q rows, all k, all v."""
+    if layout == "conv1d":
+        return tensor.t().contiguous()
+    if layout == "per_head_qkv":
+        return tensor.view(cfg.n_heads, 3, cfg.head_dim, -1).transpose(0, 1).reshape(tensor.shape)
+    return tensor.contiguous()
 
 
 def read_tensor(tensors: dict, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
@@ -603,12 +611,12 @@ def load_model(
     tensors = open_safetensors(model_dir) if has_float or not codes else {}
     prefixes = BODY_PREFIXES.get(cfg.family, ("model.", ""))
     prefix = next((p for p in prefixes if any(k.startswith(p) for k in tensors)), "")
-    # our parameter name -> (checkpoint keys, conv1d); the untied head has no prefix
-    table = {ours: ([prefix + n for n in names], conv1d)
-             for ours, (names, conv1d) in NAME_TABLES[cfg.family](cfg).items()}
+    # our parameter name -> (checkpoint keys, layout); the untied head has no prefix
+    table = {ours: ([prefix + n for n in names], layout)
+             for ours, (names, layout) in NAME_TABLES[cfg.family](cfg).items()}
     head_name = HEAD_NAMES.get(cfg.family, "lm_head.weight")
     if not cfg.tie_embeddings:
-        table["output.weight"] = ([head_name], False)
+        table["output.weight"] = ([head_name], "")
     if cfg.tie_embeddings:  # one storage: the head [V, E] is the embedding table (read first, as before)
         table = {"output.weight" if k == "tok_embeddings.weight" else k: v for k, v in table.items()}
     in_codes = {ours for ours in table if ours in codes or ours.removesuffix("weight") + "q" in codes}
@@ -631,7 +639,7 @@ def load_model(
     expected.setdefault("tok_embeddings.weight", torch.empty(cfg.vocab_size, cfg.embed_dim, device="meta"))
     linears = model.quantizable()
     state, quantized = {}, {}
-    for ours, (keys, conv1d) in table.items():
+    for ours, (keys, layout) in table.items():
         shape = tuple(expected[ours].shape)
         if ours in in_codes and ours in codes:  # a float tensor of a quantized checkpoint, in our names
             weight, tensor = None, read_tensor(codes, ours, shape, dtype, device)
@@ -641,11 +649,9 @@ def load_model(
                 weight, tensor = None, quant.dequantize(weight, dtype)
         else:
             parts = [read_tensor(tensors, key, part, dtype, device)
-                     for key, part in zip(keys, part_shapes(cfg, expected[ours].shape, len(keys), conv1d))]
+                     for key, part in zip(keys, part_shapes(cfg, expected[ours].shape, len(keys), layout))]
             weight, tensor = None, torch.cat(parts) if len(parts) > 1 else parts[0]
-            tensor = (tensor.t() if conv1d else tensor).contiguous()
-            if cfg.family == "gpt_neox" and ours.split(".")[-2] == "wqkv":
-                tensor = per_head_qkv(cfg, tensor)
+            tensor = stored_as_ours(cfg, tensor, layout)
         if weight is None and bits and ours in linears:
             weight = quant.quantize(tensor, bits, group, ours)
         if weight is not None:

@@ -61,6 +61,7 @@ LAYER_NAMES = {  # blk.{i}.<gguf> -> model.layers.{i}.<hf>
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # general.architecture -> config.json's model_type, where they differ
+SANDWICH_TYPES = ("gemma2", "gemma3_text")  # config.json model_types whose GGUF norms use SANDWICH_NAMES
 SANDWICH_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
                   "post_ffw_norm": "post_feedforward_layernorm"}  # Gemma 2/3's norms around attention and the MLP
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -214,19 +215,15 @@ def _token_id(reader, path: Path, key: str, n_tokens: int) -> int | None:
     return tid
 
 
-def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
-    """HF tensor name for a GGUF tensor name ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight')."""
+def hf_name(gguf_name: str, sandwich: bool = False) -> str | None:
+    """HF tensor name for a GGUF tensor name ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight');
+    `sandwich`: a Gemma 2/3 file, whose ffn_norm is the norm before the MLP (SANDWICH_NAMES)."""
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
-    names = {**LAYER_NAMES, **SANDWICH_NAMES} if arch in ("gemma2", "gemma3") else LAYER_NAMES
+    names = {**LAYER_NAMES, **SANDWICH_NAMES} if sandwich else LAYER_NAMES
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}"
     return f"{TOP_NAMES[base]}.{suffix}" if base in TOP_NAMES else None
-
-
-def reader_arch(cfg: dict) -> str:
-    """general.architecture back from config.json's model_type."""
-    return {v: k for k, v in MODEL_TYPES.items()}.get(cfg["model_type"], cfg["model_type"])
 
 
 def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -327,7 +324,7 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         per_layer.update({f"self_attn.{p}_proj.bias": (q if p == "q" else kv,) for p in "qkv"})
     if cfg["model_type"] in ("qwen3", "gemma3_text"):
         per_layer.update({"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)})
-    if cfg["model_type"] in ("gemma2", "gemma3_text"):
+    if cfg["model_type"] in SANDWICH_TYPES:
         per_layer.update({"pre_feedforward_layernorm.weight": (E,), "post_feedforward_layernorm.weight": (E,)})
     shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], E), "model.norm.weight": (E,)}
     for i in range(cfg["num_hidden_layers"]):
@@ -346,7 +343,7 @@ def read_tensors(reader, path: Path, cfg: dict, progress: bool) -> dict[str, tor
     bar = track(reader.tensors, description=f"converting {path.name}", transient=True, console=console,
                 disable=not (progress and console.is_terminal))  # off a terminal rich leaves an empty line
     for t in bar:
-        name = hf_name(t.name, reader_arch(cfg))
+        name = hf_name(t.name, cfg["model_type"] in SANDWICH_TYPES)
         if name not in shapes:
             raise LcdError(f"{path}: tensor '{t.name}' ({t.tensor_type.name}) is not part of a plain "
                            f"{cfg['model_type']}")
@@ -395,7 +392,7 @@ def block_codes(t, path: Path, cfg: dict) -> dict[str, np.ndarray] | None:
         out = {"q": blocks[..., 4:].reshape(N, K // 2).copy(), "scale": scale, "low": low}
     if not all(np.isfinite(out[k]).all() for k in ("scale", "low") if k in out):
         raise LcdError(f"{path}: tensor '{t.name}' has NaN or infinite block scales, weights must be finite")
-    name = hf_name(t.name, reader_arch(cfg))
+    name = hf_name(t.name, cfg["model_type"] in SANDWICH_TYPES)
     for proj, heads in ((".q_proj.", "num_attention_heads"), (".k_proj.", "num_key_value_heads")):
         if proj in name and cfg["model_type"] == "llama":
             out = {k: unpermute(v, cfg[heads]) for k, v in out.items()}
@@ -405,11 +402,11 @@ def block_codes(t, path: Path, cfg: dict) -> dict[str, np.ndarray] | None:
 def kept_blocks(reader, path: Path, cfg: dict, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The GGUF's Q8_0 / Q4_0 / Q4_1 linears as quantized weights in our names (checkpoint.CODES): a linear made of
     several GGUF tensors (q, k, v; gate, up) only when all are blocks of one type. `mcfg`: `cfg` as ModelConfig."""
-    by_hf = {hf_name(t.name, reader_arch(cfg)): t for t in reader.tensors}
+    by_hf = {hf_name(t.name, cfg["model_type"] in SANDWICH_TYPES): t for t in reader.tensors}
     with torch.device("meta"):
         linears = Transformer(mcfg).quantizable()
     table = NAME_TABLES[mcfg.family](mcfg)
-    table["output.weight"] = (["lm_head.weight"] if not mcfg.tie_embeddings else ["embed_tokens.weight"], False)
+    table["output.weight"] = (["lm_head.weight"] if not mcfg.tie_embeddings else ["embed_tokens.weight"], "")
     out = {}
     for ours, (names, _) in table.items():
         parts = [by_hf.get("model." + n if not n.startswith("lm_head") else n) for n in names]

@@ -101,8 +101,8 @@ def contrast_scores(
     shared_head = readout is None or readout.heads is None
     if dc.method == "dola" and shared_head:
         # expert and candidates through the head in one pass over its weights: [1 + L, B, E] -> [1 + L, B, V]
-        logits = model.logits(torch.cat([final[None], readout_hidden(model, exits, dc.exit_norm, readout)]),
-                              capped=False)  # capped below in the model's dtype, as model.logits does
+        logits = model.output(torch.cat([final[None], readout_hidden(model, exits, dc.exit_norm, readout)]))
+        # capped below in the model's dtype (as model.logits does): the expert always, the exits when normed
         cap = model.config.final_softcap
         expert = softcapped(logits[0], cap).float()
         layers = softcapped(logits[1:], cap if dc.exit_norm else 0.0).float()

@@ -1,4 +1,4 @@
-"""One decoder-only Transformer for GPT-2, GPT-Neo, GPT-NeoX, OPT, LLaMA and Qwen2/3, configured by `ModelConfig`.
+"""One decoder-only Transformer for every family checkpoint.py loads (GPT-2 to Gemma 3), set by `ModelConfig`.
 
 Shape legend: B batch, T tokens in this call, S cache slots (max_seq_len), H heads, K kv heads,
 D head dim, C model width, E embedding width (OPT's word_embed_proj_dim, else C), V vocab,
