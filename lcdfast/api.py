@@ -277,7 +277,8 @@ class Engine:
         V = self.model.config.vocab_size
         return tuple(i for i in sorted(set(self.tokenizer.special_token_ids()) | set(self.eos_ids)) if 0 <= i < V)
 
-    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool = False) -> list[int]:
+        """Token ids of a prompt; `chat`: of the chat template's rendering (a string or a list of messages)."""
         if chat:
             return self.check_ids(self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt),
                                                         add_special_tokens=False))

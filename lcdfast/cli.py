@@ -114,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("gguf")
     c.add_argument("out_dir")
 
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (the serve extra)")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=16, help="rows decoded together per group (default 16)")
+    s.add_argument("--max-seq-len", type=int, default=2048, help="context per request: prompt + new tokens")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 503 (default 64)")
+    s.add_argument("--max-groups", type=int, default=4,
+                   help="groups of different options decoding at once, each with its own caches (default 4)")
+    s.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' (or $LCDFAST_API_KEY)")
+    s.add_argument("--heads", action="append", default=[], metavar="NAME=FILE",
+                   help="exit heads a request may name as exit_heads (repeatable)")
+    s.add_argument("--amateur-model", default=None, help="CD's amateur checkpoint directory")
+    s.add_argument("--model-id", default=None, help="the model's name in the API (default: the directory's)")
+
     b = sub.add_parser("bench", help="speed against transformers (needs a source checkout: bench/)")
     b.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -294,6 +309,49 @@ def cmd_quantize(args) -> None:
     print(f"wrote {out} ({args.mode}) in {time.perf_counter() - t0:.1f}s")
 
 
+def cmd_serve(args) -> None:
+    import os
+    import socket
+
+    try:
+        from . import serve
+    except ImportError as e:
+        raise LcdError(f"serve: needs the serve extra (pip install 'lcdfast[serve]'): {e}") from None
+    for name in ("max_batch", "max_seq_len", "max_queue", "max_groups"):
+        if getattr(args, name) < 1:
+            raise LcdError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise LcdError(f"--port: {args.port} outside 0..65535")
+    heads = {}
+    for item in args.heads:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LcdError(f"--heads: '{item}' must be NAME=FILE")
+        heads[name] = path
+    try:  # a port in use or an address not ours: one line now rather than uvicorn's log after loading the model
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise LcdError(f"--host {args.host} --port {args.port}: can't listen ({e.strerror or e})") from None
+    if args.compile is None:
+        args.compile = True  # a server's steps are many: compiling always pays off
+    engine = load_engine(args)
+    for path in heads.values():
+        engine.read_exit_heads(path)
+    http, batcher = serve.make_server(
+        engine, args.host, args.port, args.max_batch, args.max_seq_len, args.max_queue, args.max_groups,
+        compiled=args.compile, api_key=args.api_key or os.environ.get("LCDFAST_API_KEY") or None,
+        exit_heads=heads, model_id=args.model_id)
+    print(f"lcdfast: serving {args.model_id or engine.model_dir.name} on http://{args.host}:{args.port}/v1 "
+          f"(batch <= {args.max_batch}, context {batcher.max_seq_len}, {'compiled' if args.compile else 'eager'})",
+          file=sys.stderr, flush=True)
+    try:
+        http.run()
+    finally:
+        batcher.stop()
+    print(f"lcdfast: stopped after {batcher.served} requests", file=sys.stderr)
+
+
 def cmd_bench(args) -> None:
     script = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
     if not script.is_file():
@@ -351,7 +409,8 @@ def run_command(argv: list[str]) -> int:
     else:
         args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "lens": cmd_lens, "convert": cmd_convert, "quantize": cmd_quantize,
-                "bench": cmd_bench, "eval": cmd_eval, "fit-lens": cmd_fit_lens, "train-heads": cmd_train_heads}
+                "bench": cmd_bench, "eval": cmd_eval, "fit-lens": cmd_fit_lens, "train-heads": cmd_train_heads,
+                "serve": cmd_serve}
     try:
         check_text(args)
         commands[args.command](args)

@@ -19,6 +19,7 @@ from .errors import LcdError
 from .model import Transformer, linear, softcapped
 
 METHODS = ("greedy", "sample", "acd", "dola", "cd")
+TOP_LOGPROBS = 20  # alternatives a logprobs step returns per token (OpenAI's top_logprobs allows up to 20)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class DecodeConfig:
     head_candidates: int = 64  # ACD: expert's top tokens the masked contrast op scores; 0 = full projection
     special_ids: tuple[int, ...] = ()  # ACD, CD: tokens kept out of the contrast (they keep the expert's probability)
     exit_heads: str = ""  # the file of lenses or trained heads the exit layers are read through; "": the shared head
+    logprobs: bool = False  # the step also returns the chosen token's log-probability and the TOP_LOGPROBS best
 
 
 @dataclass
@@ -130,31 +132,42 @@ def contrast_scores(
     return contrast.dola_scores(expert, premature, dc.alpha, dc.min_tokens_to_keep), chosen
 
 
-def pick_token(scores: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeConfig) -> Tensor:
-    """Penalties, warpers and the choice: argmax, or Gumbel-max sampling from given uniform noise [B, V]."""
+def pick_token(scores: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeConfig) -> tuple[Tensor, Tensor | None]:
+    """Penalties, warpers and the choice: argmax, or Gumbel-max sampling from given uniform noise [B, V]. Also the
+    log-distribution the token is picked from [B, V] when dc.logprobs (else None)."""
     if dc.repetition_penalty != 1.0:
         scores = contrast.apply_repetition_penalty(scores, seen, dc.repetition_penalty)
     if not dc.do_sample:
-        return scores.argmax(-1)
+        return scores.argmax(-1), scores.log_softmax(-1) if dc.logprobs else None
     logp = contrast.sampling_log_probs(scores, dc.temperature, dc.top_k, dc.top_p)
-    return (logp - torch.log(-torch.log(uniform))).argmax(-1)
+    return (logp - torch.log(-torch.log(uniform))).argmax(-1), logp
+
+
+Logprobs = tuple[Tensor, Tensor, Tensor]  # the chosen token's log-probability [B]; the best ones [B, K], their ids
 
 
 def decode_step(
     model: Transformer, amateur: Transformer | None, readout: Readout | None, token: Tensor, slot: Tensor,
     span: Tensor | None, pad: Tensor, seen: Tensor, uniform: Tensor | None, dc: DecodeConfig,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Logprobs | None]:
     """One token for every row: forward through the caches, heads, contrast, penalties, choice.
 
     token [B, T], slots [T], span [P] (the cache slots attended, see Transformer.forward), pad [B], seen [B, V]
     -> next token [B] (-1 where the scores are NaN or have no finite best: weights that overflow), DoLa candidate
-    index [B]. T = 1 when decoding; generate_ids also runs the prompt through it (eager) as the prefill."""
+    index [B], and with dc.logprobs the log-probabilities of the distribution the token was picked from (the
+    method's scores after penalties and warpers), else None. T = 1 when decoding; generate_ids also runs the
+    prompt through it (eager) as the prefill."""
     final, exits = model(token, slot, pad, dc.exit_layers, span)
     amateur_logits = amateur.logits(amateur(token, slot, pad, (), span)[0][:, -1]) if amateur is not None else None
     scores, chosen = contrast_scores(model, final[:, -1], None if exits is None else exits[:, :, -1],
                                      amateur_logits, readout, dc)
     garbage = scores.isnan().any(-1) | ~scores.amax(-1).isfinite()  # [B]
-    return torch.where(garbage, -1, pick_token(scores, seen, uniform, dc)), chosen
+    picked, logp = pick_token(scores, seen, uniform, dc)
+    picked = torch.where(garbage, -1, picked)
+    if logp is None:
+        return picked, chosen, None
+    best = logp.topk(min(TOP_LOGPROBS, logp.shape[-1]), dim=-1)
+    return picked, chosen, (logp.gather(1, picked.clamp(min=0)[:, None])[:, 0], best.values, best.indices)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -262,7 +275,7 @@ def generate_ids(
                     torch.tensor([T], device=device), span(T + 1), pad, seen, noise_stand_in, dc)
         t_compile, t0 = time.perf_counter() - t0, time.perf_counter()
     # prefill: the whole left-padded prompt [B, T] through the same (eager) step, then one token at a time
-    token, chosen = decode_step(model, amateur, readout, tokens, all_slots[:T], span(T), pad, seen, noise(), dc)
+    token, chosen, _ = decode_step(model, amateur, readout, tokens, all_slots[:T], span(T), pad, seen, noise(), dc)
     t_prefill = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps = 0
@@ -288,7 +301,7 @@ def generate_ids(
         seen.scatter_(1, token[:, None], True)
         slot = torch.tensor([T + step], device=device)
         with guards_checked(step):
-            token, chosen = step_fn(model, amateur, readout, token[:, None], slot, span(T + step + 1), pad,
+            token, chosen, _ = step_fn(model, amateur, readout, token[:, None], slot, span(T + step + 1), pad,
                                     seen, noise(), dc)
         if device.type == "cuda":  # a CUDA graph's outputs live in its pool, which its next replay overwrites
             token, chosen = token.clone(), chosen.clone()

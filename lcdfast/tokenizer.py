@@ -384,14 +384,17 @@ class Tokenizer:
             message = " ".join(str(e).split())[:200]
             raise LcdError(f"{where}: the chat template failed ({type(e).__name__}: {message})") from None
 
-    def apply_chat_template(self, user_message: str) -> str:
-        """The prompt for one user turn followed by the assistant's generation prompt (LcdError naming the
-        template's file if it fails, runs over TEMPLATE_SECONDS, or renders nothing or over TEMPLATE_CHARS)."""
+    def apply_chat_template(self, messages: str | list[dict[str, str]]) -> str:
+        """The prompt for a conversation ({"role", "content"} dicts; a string: one user turn) followed by the
+        assistant's generation prompt (LcdError naming the template's file if it fails, runs over
+        TEMPLATE_SECONDS, or renders nothing or over TEMPLATE_CHARS)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
         template, where = self.chat_template
         if template is None:
             raise LcdError(f"{self.model_dir}: no chat_template in tokenizer_config.json (use a plain prompt)")
         tokens = {f"{k}_token": v for k, v in self.tokens.items() if v is not None}
-        text = self._run_template(where, template.render, messages=[{"role": "user", "content": user_message}],
+        text = self._run_template(where, template.render, messages=messages,
                              add_generation_prompt=True, **tokens)
         if not text:
             raise LcdError(f"{where}: the chat template rendered an empty prompt")
