@@ -12,7 +12,8 @@ The rows of a group share one write slot t (every row's next token goes to slot 
 sliding windows are exactly those of the request run alone. A prompt longer than t shifts the group's cached slots
 right; a request that would run past the cache's end shifts them left (positions are unchanged either way); a
 request that fits neither way waits. A step runs over the first b rows, b the power of two past the last row in
-use, so a lone request decodes at batch 1: one compiled graph per b and config.
+use, so a lone request decodes at batch 1: one compiled graph per b and config, made once that (config, b) has run
+COMPILE_AFTER eager steps (the compile pauses the loop once, seconds; a config seen once never compiles).
 """
 
 import collections
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from .generate import DecodeConfig, Readout, decode_step
 from .tokenizer import StreamDecoder, releasable
+
+COMPILE_AFTER = 32  # eager steps of a (config, batch size) before its compiled graph is made and used
 
 
 class QueueFull(Exception):
@@ -146,12 +149,13 @@ class Group:
         self._take(picked, chosen, logprobs, [i], first=i)
         return True
 
-    def step(self, step_fn: Callable) -> None:
-        """One token for every live row, through `step_fn` (decode_step or its compiled version)."""
+    def step(self) -> None:
+        """One token for every live row, through the batcher's step for this config and batch size."""
         live = self.live
         if not live:
             return
         b = bucket(live[-1] + 1, len(self.rows))
+        step_fn = self.batcher.step_for(self.dc, b)
         self._attach(slice(0, b))
         device = self.batcher.engine.model.device
         span = torch.arange(self.t + 1, device=device)
@@ -250,10 +254,11 @@ class Batcher:
     """The decode loop's thread, its queue and its groups. `submit` is safe from any thread."""
 
     def __init__(self, engine, max_batch: int = 16, max_seq_len: int = 2048, max_queue: int = 64,
-                 max_groups: int = 4, compiled: bool = True) -> None:
+                 max_groups: int = 4, compiled: bool = True, compile_after: int = COMPILE_AFTER) -> None:
         self.engine, self.max_batch, self.max_queue, self.max_groups = engine, max_batch, max_queue, max_groups
         self.max_seq_len = min(max_seq_len, engine.max_seq_len)
-        self.step_fn = engine._step if compiled else decode_step
+        self.compiled, self.compile_after = compiled, compile_after
+        self.eager_steps: collections.Counter[tuple[DecodeConfig, int]] = collections.Counter()
         if compiled:
             engine._compiled()
         self.pending: collections.deque[Request] = collections.deque()
@@ -329,7 +334,7 @@ class Batcher:
             for group in list(self.groups):
                 group.cancel_rows()
                 try:
-                    group.step(self.step_fn)
+                    group.step()
                     self.steps += 1
                 except Exception as e:  # noqa: BLE001 - one group's failure ends its requests, not the server
                     group.fail(f"decoding failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
@@ -337,6 +342,17 @@ class Batcher:
                     self.groups.remove(group)
                     for name, caches in group.caches.items():
                         self.spare[name].append(caches)
+
+    def step_for(self, dc: DecodeConfig, batch: int) -> Callable:
+        """The compiled step once `dc` has run compile_after eager steps at this batch size (a config seen once
+        never stalls the loop with a compile), else decode_step."""
+        if not self.compiled:
+            return decode_step
+        key = (dc, batch)
+        if self.eager_steps[key] >= self.compile_after:
+            return self.engine._step
+        self.eager_steps[key] += 1
+        return decode_step
 
     def _place(self, request: Request) -> bool:
         """Admit `request` into a group of its config with room, else a new group while there are fewer than

@@ -128,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit heads a request may name as exit_heads (repeatable)")
     s.add_argument("--amateur-model", default=None, help="CD's amateur checkpoint directory")
     s.add_argument("--model-id", default=None, help="the model's name in the API (default: the directory's)")
+    s.add_argument("--compile-after", type=int, default=32,
+                   help="eager steps of a (config, batch size) before its graph is compiled (default 32; 0: at once)")
 
-    b = sub.add_parser("bench", help="speed against transformers (needs a source checkout: bench/)")
+    b = sub.add_parser("bench", help="speed against transformers; `bench serve`: the server under load "
+                       "(needs a source checkout: bench/)")
     b.add_argument("args", nargs=argparse.REMAINDER)
 
     e = sub.add_parser("eval", help="evaluation: open-ended | truthfulqa | factor")
@@ -320,6 +323,8 @@ def cmd_serve(args) -> None:
     for name in ("max_batch", "max_seq_len", "max_queue", "max_groups"):
         if getattr(args, name) < 1:
             raise LcdError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    if args.compile_after < 0:
+        raise LcdError(f"--compile-after: {args.compile_after} must be >= 0")
     if not 0 <= args.port <= 65535:
         raise LcdError(f"--port: {args.port} outside 0..65535")
     heads = {}
@@ -341,7 +346,7 @@ def cmd_serve(args) -> None:
     http, batcher = serve.make_server(
         engine, args.host, args.port, args.max_batch, args.max_seq_len, args.max_queue, args.max_groups,
         compiled=args.compile, api_key=args.api_key or os.environ.get("LCDFAST_API_KEY") or None,
-        exit_heads=heads, model_id=args.model_id)
+        exit_heads=heads, model_id=args.model_id, compile_after=args.compile_after)
     print(f"lcdfast: serving {args.model_id or engine.model_dir.name} on http://{args.host}:{args.port}/v1 "
           f"(batch <= {args.max_batch}, context {batcher.max_seq_len}, {'compiled' if args.compile else 'eager'})",
           file=sys.stderr, flush=True)
@@ -353,10 +358,12 @@ def cmd_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    script = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+    """bench/bench.py with the given options; `bench serve ...`: bench/serve.py (the server under load)."""
+    name, given = ("serve.py", args.args[1:]) if args.args[:1] == ["serve"] else ("bench.py", args.args)
+    script = Path(__file__).resolve().parent.parent / "bench" / name
     if not script.is_file():
         raise LcdError(f"bench: {script} not found (run from a source checkout of lcdfast)")
-    sys.argv = [str(script), *args.args]
+    sys.argv = [str(script), *given]
     import runpy
 
     runpy.run_path(str(script), run_name="__main__")

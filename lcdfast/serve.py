@@ -16,14 +16,19 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .batching import Batcher, QueueFull, Request
+from .batching import COMPILE_AFTER, Batcher, QueueFull, Request
 from .errors import LcdError
+from .generate import METHODS
 
 # the contrast options a request may set, with the JSON types each takes (None: null allowed)
 OPTIONS = {"method": (str,), "amateur_layer": (int, str, None), "dola_layers": (str, list, None), "alpha": (float,),
            "beta": (float, None), "repetition_penalty": (float,), "top_k": (int,), "min_tokens_to_keep": (int,),
            "amateur_temperature": (float,), "exit_norm": (bool, None), "contrast_special": (bool,),
            "exit_heads": (str, None), "do_sample": (bool, None)}
+# the contrast options only some methods read: given to another, a request is refused rather than silently run
+TAKEN_BY = {"amateur_layer": ("acd",), "dola_layers": ("dola",), "alpha": ("acd", "dola", "cd"),
+            "min_tokens_to_keep": ("acd", "dola", "cd"), "beta": ("cd",), "amateur_temperature": ("cd",),
+            "exit_norm": ("acd", "dola"), "exit_heads": ("acd", "dola"), "contrast_special": ("acd", "cd")}
 # OpenAI fields taken as they are or ignored (user, metadata, ...), and those accepted only at their no-op value
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options", "logprobs",
           "user", "metadata", "store", "service_tier", "parallel_tool_calls"}
@@ -33,6 +38,7 @@ NO_OP = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bia
 COMPLETIONS = COMMON | {"prompt"}
 CHAT = COMMON | {"messages", "top_logprobs", "max_completion_tokens"}
 MAX_STOPS = 16
+DISCONNECT_POLL_S = 0.2  # how often a whole (unstreamed) reply checks that its client is still there
 NEG_INF_LOGPROB = -9999.0  # JSON has no -inf: tokens outside the method's plausible set
 
 
@@ -146,12 +152,17 @@ class Server:
             return StreamingResponse(self.stream(reply, request, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
+            checked = time.monotonic()
             while True:
                 try:
-                    event = await asyncio.wait_for(events.get(), 0.5)
+                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:  # whether tokens arrive or not
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         return Response(status_code=499)  # nobody reads it; the row is freed below
+                if event is None:
                     continue
                 if "error" in event:
                     return ApiError(500, event["error"], kind="server_error").response()
@@ -302,6 +313,10 @@ class Server:
         top_p = typed(body, "top_p", (float, None))
         if top_p is not None:
             options["top_p"] = top_p
+        method = options.get("method", "greedy")
+        for name, methods in TAKEN_BY.items():
+            if name in options and method in METHODS and method not in methods:
+                raise ApiError(400, f"{name}: method {method} doesn't take it (only {', '.join(methods)})", name)
         if options.get("method") == "cd" and self.engine.amateur is None:
             raise ApiError(400, "method: cd needs a server started with --amateur-model", "method")
         return options
@@ -357,8 +372,15 @@ class Reply:
             offsets.append(self.offset)
             self.offset += len(s)
         return {"tokens": texts, "token_logprobs": [finite(t["logprob"]) for t in tokens],
-                "top_logprobs": [{self.token_text(i): finite(v) for i, v in t["top"][:k]} for t in tokens],
+                "top_logprobs": [self.top_dict(t["top"][:k], finite) for t in tokens],
                 "text_offset": offsets}
+
+    def top_dict(self, top: list, finite) -> dict[str, float]:
+        """The legacy {text: logprob} form; of tokens that decode alike (partial UTF-8 bytes) the best one's."""
+        best = {}
+        for i, v in top:  # best first
+            best.setdefault(self.token_text(i), finite(v))
+        return best
 
     def extra(self) -> dict:
         layers = self.done.get("dola_layers")
@@ -400,12 +422,13 @@ class Reply:
 
 def make_server(engine, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_seq_len: int = 2048,
                 max_queue: int = 64, max_groups: int = 4, compiled: bool = True, api_key: str | None = None,
-                exit_heads: dict[str, str] | None = None, model_id: str | None = None):
+                exit_heads: dict[str, str] | None = None, model_id: str | None = None,
+                compile_after: int = COMPILE_AFTER):
     """The uvicorn server (not yet running) and its started batcher. uvicorn.Server.run() serves until SIGTERM or
     Ctrl-C, which close the listening socket and wait for the running requests to finish (the drain)."""
     import uvicorn
 
-    batcher = Batcher(engine, max_batch, max_seq_len, max_queue, max_groups, compiled)
+    batcher = Batcher(engine, max_batch, max_seq_len, max_queue, max_groups, compiled, compile_after)
     routes = Server(batcher, model_id or engine.model_dir.name, api_key, exit_heads=exit_heads)
     config = uvicorn.Config(routes.app(), host=host, port=port, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=None)

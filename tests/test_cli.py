@@ -266,6 +266,12 @@ def test_bench_and_eval_take_their_own_options(command, needle, capsys):
     assert done.value.code == 0 and needle in capsys.readouterr().out
 
 
+def test_bench_serve_runs_the_serve_bench(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "serve", "--help"])
+    assert done.value.code == 0 and "--clients" in capsys.readouterr().out
+
+
 def test_checkpoint_that_disagrees_with_its_config(broken, capsys):
     """Weights the config doesn't describe, or a config no model can have: one line, never a quiet partial load."""
     cfg, weights = broken / "config.json", broken / "model.safetensors"
