@@ -155,6 +155,8 @@ class Engine:
     def _step(self, *args):
         """The compiled step, or eager if compiling fails (said once; compilation fails before any state changes)."""
         if self.compiled_step is not None:
+            if torch._dynamo.config.recompile_limit < 64:  # a per-thread setting: a graph per config on any thread
+                torch._dynamo.config.recompile_limit = 64
             try:
                 return self.compiled_step(*args)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the reference path

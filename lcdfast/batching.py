@@ -13,7 +13,7 @@ sliding windows are exactly those of the request run alone. A prompt longer than
 right; a request that would run past the cache's end shifts them left (positions are unchanged either way); a
 request that fits neither way waits. A step runs over the first b rows, b the power of two past the last row in
 use, so a lone request decodes at batch 1: one compiled graph per b and config, made once that (config, b) has run
-COMPILE_AFTER eager steps (the compile pauses the loop once, seconds; a config seen once never compiles).
+COMPILE_AFTER eager steps (the compile pauses the loop once, seconds; a config that runs fewer never compiles).
 """
 
 import collections
@@ -30,6 +30,7 @@ from .generate import DecodeConfig, Readout, decode_step
 from .tokenizer import StreamDecoder, releasable
 
 COMPILE_AFTER = 32  # eager steps of a (config, batch size) before its compiled graph is made and used
+MAX_GRAPHS = 120  # compiled (config, batch size) graphs at most; any more decode eagerly
 
 
 class QueueFull(Exception):
@@ -259,6 +260,7 @@ class Batcher:
         self.max_seq_len = min(max_seq_len, engine.max_seq_len)
         self.compiled, self.compile_after = compiled, compile_after
         self.eager_steps: collections.Counter[tuple[DecodeConfig, int]] = collections.Counter()
+        self.compiled_keys: set[tuple[DecodeConfig, int]] = set()
         if compiled:
             engine._compiled()
         self.pending: collections.deque[Request] = collections.deque()
@@ -307,6 +309,10 @@ class Batcher:
         return len(self.pending) + sum(len(g.live) for g in self.groups)
 
     def _run(self) -> None:
+        # Dynamo's settings are per thread: this one recompiles the step for every (config, batch) it compiles
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS + 8)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               MAX_GRAPHS + 8)
         while True:
             with self.wake:
                 while not self.pending and not self.groups and not self.draining:
@@ -344,12 +350,15 @@ class Batcher:
                         self.spare[name].append(caches)
 
     def step_for(self, dc: DecodeConfig, batch: int) -> Callable:
-        """The compiled step once `dc` has run compile_after eager steps at this batch size (a config seen once
+        """The compiled step once `dc` has run compile_after eager steps at this batch size (a config that runs fewer
         never stalls the loop with a compile), else decode_step."""
         if not self.compiled:
             return decode_step
         key = (dc, batch)
-        if self.eager_steps[key] >= self.compile_after:
+        if key in self.compiled_keys:
+            return self.engine._step
+        if self.eager_steps[key] >= self.compile_after and len(self.compiled_keys) < MAX_GRAPHS:
+            self.compiled_keys.add(key)
             return self.engine._step
         self.eager_steps[key] += 1
         return decode_step

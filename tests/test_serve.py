@@ -22,6 +22,7 @@ from conftest import TEXT
 
 import lcdfast
 from lcdfast import heads
+from lcdfast.batching import MAX_GRAPHS, Request
 from lcdfast.serve import NEG_INF_LOGPROB, make_server
 
 MODEL_ID = "tiny"
@@ -822,6 +823,12 @@ def test_compiled_server(model_dir, ref):
         assert calls[0] == 8 - 1 - 3  # the prefill's token, 3 eager steps, then compiled
         check(call(c, True, "Layers improve", 8, True), ref("Layers improve", 8, chat=True))
         assert calls[0] == 4 + 7
+        limits = []  # Dynamo's settings are per thread: the loop's allows a graph per (config, batch)
+        done = threading.Event()
+        request = Request(ref.engine.encode_prompt(PROMPT), ref.engine.decode_config(), 2, lambda e: (
+            limits.append(torch._dynamo.config.recompile_limit), e.get("done") and done.set()))
+        live.batcher.submit(request)
+        assert done.wait(30) and min(limits) > MAX_GRAPHS
 
 
 # ---- SIGTERM drains
