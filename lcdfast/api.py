@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import finite, load_model
-from .compiling import StepTimings, expected_costs, fx_cache_counts, step_key, use_cache_dir
+from .compiling import RECOMPILE_LIMIT, StepTimings, expected_costs, fx_cache_counts, step_key, use_cache_dir
 from .errors import LcdError, whole
 from .generate import (
     METHODS,
@@ -122,7 +122,6 @@ class Engine:
             notice = use_cache_dir()
             if notice:
                 self._say_once("cache", notice)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per config
             kwargs = {"mode": mode or ("reduce-overhead" if self.model.device.type == "cuda" else None)}
             self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **kwargs)
         return self.compiled_step
@@ -155,8 +154,8 @@ class Engine:
     def _step(self, *args):
         """The compiled step, or eager if compiling fails (said once; compilation fails before any state changes)."""
         if self.compiled_step is not None:
-            if torch._dynamo.config.recompile_limit < 64:  # a per-thread setting: a graph per config on any thread
-                torch._dynamo.config.recompile_limit = 64
+            if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:  # per thread: set on whichever thread steps
+                torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
             try:
                 return self.compiled_step(*args)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the reference path

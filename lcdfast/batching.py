@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .compiling import RECOMPILE_LIMIT
 from .generate import DecodeConfig, Readout, decode_step
 from .tokenizer import StreamDecoder, releasable
 
 COMPILE_AFTER = 32  # eager steps of a (config, batch size) before its compiled graph is made and used
-MAX_GRAPHS = 120  # compiled (config, batch size) graphs at most; any more decode eagerly
+MAX_GRAPHS = RECOMPILE_LIMIT - 8  # compiled (config, batch size) graphs at most; any more decode eagerly
 
 
 class QueueFull(Exception):
@@ -309,10 +310,6 @@ class Batcher:
         return len(self.pending) + sum(len(g.live) for g in self.groups)
 
     def _run(self) -> None:
-        # Dynamo's settings are per thread: this one recompiles the step for every (config, batch) it compiles
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS + 8)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                               MAX_GRAPHS + 8)
         while True:
             with self.wake:
                 while not self.pending and not self.groups and not self.draining:

@@ -26,6 +26,7 @@ WARM_FRACTION = 0.2  # warm-cache compile / cold compile (11 of 72 s measured fo
 PRIOR_BANDWIDTH = 10e9  # bytes/s an eager CPU step reads its weights at, before one is measured
 SAVING_PRIOR = {"cpu": 0.3, "cuda": 0.8}  # share of an eager step compiling saves, before it is measured
 KEEP = 256  # the most recently run steps kept in timings.json
+RECOMPILE_LIMIT = 128  # graphs Dynamo may make of the step (one per config and batch); its setting is per thread
 
 
 def compile_home() -> Path:
