@@ -297,16 +297,20 @@ class Engine:
         return ids
 
     def generate(
-        self, prompts: str | list[str], max_new_tokens: int = 64, seed: int = 0, stop: list[str] | None = None,
-        chat: bool = False, batch_size: int = 8, stream: Callable[[int, str], None] | None = None, **options,
+        self, prompts: str | list[str] | list[list[int]], max_new_tokens: int = 64, seed: int = 0,
+        stop: list[str] | None = None, chat: bool = False, batch_size: int = 8,
+        stream: Callable[[int, str], None] | None = None, **options,
     ) -> list[Generation]:
-        """Generate for each prompt; `options` are decode_config's (method, temperature, top_p, ...).
+        """Generate for each prompt (a string, or its token ids as they are); `options` are decode_config's
+        (method, temperature, top_p, ...).
 
         `stream(row, text)` receives each row's new text as it is decoded (rows of the current batch)."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise LcdError("prompts: expected a string or a non-empty list of strings")
+        is_ids = lambda p: isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+        if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) or is_ids(p)
+                                                                           for p in prompts):
+            raise LcdError("prompts: expected a string or a non-empty list of strings (or of token-id lists)")
         if "" in stop:
             raise LcdError("stop: an empty stop string would stop at once")
         if whole("seed", seed, 0) >= 2**63:
@@ -314,7 +318,8 @@ class Engine:
         whole("max_new_tokens", max_new_tokens, 1)
         whole("batch_size", batch_size, 1)
         dc = self.decode_config(**options)
-        encoded = [self.encode_prompt(p, chat) for p in prompts]
+        encoded = [self.encode_prompt(p, chat) if isinstance(p, str) else self.check_ids(list(p)) for p in prompts]
+        prompts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
         for p, ids in zip(prompts, encoded):
             if len(ids) + max_new_tokens > self.max_seq_len:
                 raise LcdError(f"prompt: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the cache of "
@@ -422,23 +427,44 @@ class Engine:
         if len(prompts) != len(continuations):
             raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
         whole("batch_size", batch_size, 1)
-        configs = [self.score_config(**m) for m in methods]
+        p_ids, c_ids = [], []
+        for p, c in zip(prompts, continuations):
+            ids = self.encode_prompt(p)
+            full = self.check_ids(self.tokenizer.encode(p + c))
+            if len(full) <= len(ids):
+                raise LcdError(f"score: continuation {c!r} adds no token after its prompt")
+            p_ids.append(ids)
+            c_ids.append(full[len(ids):])
+        return self.score_tokens(p_ids, c_ids, methods, batch_size)
+
+    def score_limit(self, methods: list[ScoreConfig]) -> int:
+        """The most tokens (prompt + continuation) one row may hold under `methods`."""
         limit, amateur = self.max_seq_len, self.amateur
-        if amateur is not None and amateur.config.positions == "learned" and any(c.method == "cd" for c in configs):
+        if amateur is not None and amateur.config.positions == "learned" and any(c.method == "cd" for c in methods):
             limit = min(limit, amateur.config.max_positions)
+        return limit
+
+    def score_tokens(
+        self, prompts: list[list[int]], continuations: list[list[int]], methods: list[dict], batch_size: int = 8,
+        greedy: bool = False,
+    ) -> list[list[float]] | list[list[tuple[float, bool]]]:
+        """score_methods on token ids: [method][item] sums of the continuation's log-scores (`greedy`: with whether
+        each continuation is its method's own top-1 choice at every position, lm-eval's `is_greedy`)."""
+        whole("batch_size", batch_size, 1)
+        if len(prompts) != len(continuations):
+            raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+        configs = [self.score_config(**m) for m in methods]
+        limit = self.score_limit(configs)
+        for p, c in zip(prompts, continuations):
+            if not p or not c:
+                raise LcdError(f"score: {'a prompt' if not p else 'a continuation'} of no tokens")
+            self.check_ids(p + c)
+            if len(p) + len(c) > limit:
+                raise LcdError(f"score: prompt + continuation of {len(p) + len(c)} tokens exceed {limit}")
         results = [[] for _ in configs]
         for start in range(0, len(prompts), batch_size):
-            p_ids, c_ids = [], []
-            for p, c in zip(prompts[start:start + batch_size], continuations[start:start + batch_size]):
-                ids = self.encode_prompt(p)
-                full = self.check_ids(self.tokenizer.encode(p + c))
-                if len(full) <= len(ids):
-                    raise LcdError(f"score: continuation {c!r} adds no token after its prompt")
-                if len(full) > limit:
-                    raise LcdError(f"score: prompt + continuation of {len(full)} tokens exceed {limit}")
-                p_ids.append(ids)
-                c_ids.append(full[len(ids):])
-            scored = score_ids(self.model, p_ids, c_ids, configs, self._score_readout, self.amateur, self.prefix_cache)
+            scored = score_ids(self.model, prompts[start:start + batch_size], continuations[start:start + batch_size],
+                               configs, self._score_readout, self.amateur, self.prefix_cache, greedy)
             for out, totals in zip(results, scored):
                 out += totals
         return results

@@ -135,22 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
                        "(needs a source checkout: bench/)")
     b.add_argument("args", nargs=argparse.REMAINDER)
 
-    e = sub.add_parser("eval", help="evaluation: open-ended | truthfulqa | factor")
+    e = sub.add_parser("eval", help="evaluation: open-ended | truthfulqa | factor | gsm8k | strategyqa | lm-eval")
     tasks = e.add_subparsers(dest="task", required=True)
     for task, default in (("open-ended", "greedy,top-p=0.95,acd,dola"), ("truthfulqa", "greedy,acd,dola"),
-                          ("factor", "greedy,acd,dola")):
+                          ("factor", "greedy,acd,dola"), ("gsm8k", "greedy,acd,dola:low,dola:high"),
+                          ("strategyqa", "greedy,acd,dola:low,dola:high"), ("lm-eval", "greedy,acd,dola:low")):
         t = tasks.add_parser(task)
-        t.add_argument("data", nargs="?", help="jsonl (open-ended) or csv file from shared/data")
-        t.add_argument("--prompts", "--data", dest="data_option", default=None, help="the same, as an option")
+        if task == "lm-eval":
+            t.add_argument("--tasks", required=True, help="lm-evaluation-harness task names, comma-separated "
+                           "(shipped offline: lambada_openai, wikinews_rolling)")
+            t.add_argument("--include-path", action="append", default=[], help="a directory of your own task configs")
+            t.add_argument("--data-dir", default=None, help="the shipped tasks' data (default $LCDFAST_DATA, else "
+                           "../shared/data)")
+            t.add_argument("--num-fewshot", type=int, default=None)
+        else:
+            t.add_argument("data", nargs="?", help="the data file from shared/data (jsonl, json or csv)")
+            t.add_argument("--prompts", "--data", dest="data_option", default=None, help="the same, as an option")
         t.add_argument("--methods", default=default, help=METHOD_SYNTAX)
         t.add_argument("--limit", type=int, default=None, help="first N items only")
         t.add_argument("--out", default="runs/eval", help="output directory (resumes what is already there)")
         t.add_argument("--batch-size", type=int, default=8)
         t.add_argument("--amateur-model", default=None, help="CD's amateur checkpoint directory")
         add_model_args(t)
-        if task == "open-ended":
-            t.add_argument("--max-new-tokens", type=int, default=128)
+        if task in ("open-ended", "gsm8k", "strategyqa"):
+            t.add_argument("--max-new-tokens", type=int, default=128 if task == "open-ended" else 256)
             t.add_argument("--seed", type=int, default=0)
+        if task == "open-ended":
             t.add_argument("--no-mauve", action="store_true")
         if task == "factor":
             t.add_argument("--prefix-column", default=None, help="default: full_prefix for news, else DoLa's")
@@ -372,6 +382,8 @@ def cmd_bench(args) -> None:
 def cmd_eval(args) -> None:
     from . import evaluate
 
+    if args.task == "lm-eval":
+        return eval_harness(args)
     data = args.data_option or args.data
     if data is None:
         raise LcdError("eval: give the data file (--prompts FILE.jsonl or --data FILE.csv)")
@@ -388,10 +400,34 @@ def cmd_eval(args) -> None:
     if args.task == "open-ended":
         evaluate.eval_open_ended(engine, data, args.out, methods, max_new_tokens=args.max_new_tokens,
                                  seed=args.seed, mauve=not args.no_mauve, **common)
+    elif args.task in ("gsm8k", "strategyqa"):
+        from .reasoning import eval_reasoning
+
+        eval_reasoning(engine, args.task, data, args.out, methods, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed, **common)
     elif args.task == "truthfulqa":
         evaluate.eval_truthfulqa(engine, data, args.out, methods, **common)
     else:
         evaluate.eval_factor(engine, data, args.out, methods, prefix_column=args.prefix_column, **common)
+
+
+def eval_harness(args) -> None:
+    from . import evaluate, harness  # harness: LcdError with the install command if lm-eval is missing
+
+    if args.batch_size < 1:
+        raise LcdError(f"--batch-size: {args.batch_size} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise LcdError(f"--limit: {args.limit} must be >= 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise LcdError(f"--tasks: '{args.tasks}' names no task")
+    manager = harness.task_manager(args.data_dir, args.include_path, tasks)
+    harness.check_tasks(tasks, manager, args.data_dir)
+    engine = load_engine(args)
+    methods = evaluate.parse_methods(args.methods, engine.n_layers)
+    evaluate.check_methods(engine, methods, "lm-eval")
+    harness.run_tasks(engine, tasks, args.out, methods, limit=args.limit, batch_size=args.batch_size,
+                      data=args.data_dir, num_fewshot=args.num_fewshot, manager=manager)
 
 
 def check_text(args: argparse.Namespace) -> None:

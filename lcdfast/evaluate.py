@@ -245,7 +245,13 @@ TASK_DEFAULTS = {
                    "cd": {"relative_top": 0.0, "post_softmax": False}},
     "factor": {"dola": {"dola_layers": "low", "relative_top": 0.1, "post_softmax": True},
                "cd": {"relative_top": 0.1, "post_softmax": True}},
+    # lm-eval's likelihoods: DoLa's FACTOR recipe (its likelihood scoring with the plausibility mask)
+    "lm-eval": {"dola": {"dola_layers": "low", "relative_top": 0.1, "post_softmax": True},
+                "cd": {"relative_top": 0.1, "post_softmax": True}},
+    "gsm8k": {"dola": {"dola_layers": "low"}},  # DoLa's chain-of-thought runs: the low bucket, no penalty
+    "strategyqa": {"dola": {"dola_layers": "low"}},
 }
+GENERATION_TASKS = {"open-ended", "gsm8k", "strategyqa"}  # the others score given answers
 SCORE_ONLY = {"relative_top", "post_softmax", "relative_top_value"}
 GENERATE_ONLY = {"temperature", "top_k", "top_p", "repetition_penalty"}
 MODIFIERS = {"rp": ("repetition_penalty", float), "temp": ("temperature", float), "alpha": ("alpha", float),
@@ -315,14 +321,17 @@ def parse_methods(spec: str, n_layers: int) -> list[MethodSpec]:
 
 def check_methods(engine, methods: list[MethodSpec], task: str) -> None:
     """Every entry's values checked against the engine before the first one runs (LcdError naming the entry);
-    `acd:auto` entries get the layer the engine chooses."""
-    scoring = task != "open-ended"
+    `acd:auto` entries get the layer the engine chooses. lm-eval's tasks both score and generate: either kind of
+    option applies there."""
+    scoring = task not in GENERATION_TASKS
     for spec in methods:
         unused = sorted(set(spec.options) & (GENERATE_ONLY if scoring else SCORE_ONLY))
-        if unused:
+        if unused and task != "lm-eval":
             raise LcdError(f"methods: '{spec.name}': {', '.join(unused)} does not apply to {task}")
         try:
             config = (engine.score_config if scoring else engine.decode_config)(**task_options(spec, task, scoring))
+            if task == "lm-eval":
+                engine.decode_config(**task_options(spec, task, scoring=False))
         except LcdError as e:
             raise LcdError(f"methods: '{spec.name}': {e}") from None
         if spec.options.get("amateur_layer") == "auto":  # fixed once: the records say which layer ran
@@ -462,7 +471,7 @@ def _run_methods(task: str, data: str | Path, out_dir: str | Path, items: list[d
     method's settings include the batch size: each batch draws its own noise."""
     out = {}
     for spec in methods:
-        opts = task_options(spec, task, scoring=task != "open-ended")
+        opts = task_options(spec, task, scoring=task not in GENERATION_TASKS)
         same = next((name for name, (o, _) in out.items() if o == opts), None)
         if same is not None:
             out[spec.name] = out[same]
@@ -585,9 +594,10 @@ SHORT = {"diversity": "div", "coherence": "coh", "new_tokens": "tokens", "second
 def report(summary: dict, out_dir: str | Path | None = None) -> None:
     """Print `summary` as a table on stdout (markdown when piped); with `out_dir`, also store it in
     out_dir/summary.json under its data file."""
-    rows = summary["methods"]
-    keys = list(dict.fromkeys(k for row in rows.values() for k in row if k != "options"))
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    rows = {name: {k: v for k, v in _flat({k: v for k, v in row.items() if k != "options"}).items()
+                   if "_stderr" not in k} for name, row in summary["methods"].items()}  # lm-eval's: per task
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row))
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1e6 else f"{v:.3g}"
     print_table(f"{summary['task']}: {Path(summary['data']).name} ({summary['items']} items)",
                 ["method", *(SHORT.get(k, k) for k in keys)],
                 [[name, *(fmt(row.get(k)) for k in keys)] for name, row in rows.items()])

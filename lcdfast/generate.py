@@ -405,6 +405,9 @@ def select_layer_fused() -> Callable:
     return torch.compile(contrast.dola_select_layer, dynamic=True)
 
 
+SCORE_POSITIONS = 512  # continuation positions scored at once (DoLa's candidates: [L, 512, V] floats)
+
+
 @torch.inference_mode()
 def score_ids(
     model: Transformer,
@@ -414,8 +417,10 @@ def score_ids(
     readout_of: Callable[[ScoreConfig], Readout | None] | None = None,
     amateur: Transformer | None = None,
     prefix_cache: dict | None = None,
-) -> list[list[float]]:
-    """Sum of each continuation's per-token log-scores after its prompt, for every config: [config][row].
+    greedy: bool = False,
+) -> list[list[float]] | list[list[tuple[float, bool]]]:
+    """Sum of each continuation's per-token log-scores after its prompt, for every config: [config][row];
+    `greedy`: (sum, whether every continuation token is its position's best under the config's scores) per row.
 
     Rows are right-padded (real tokens never see the padding, so no mask is needed), and the prompts'
     longest shared token prefix (e.g. a few-shot demo) runs once and is copied into every row's cache;
@@ -454,15 +459,25 @@ def score_ids(
     target = torch.tensor([t for c in continuations for t in c], device=device)
     final_m = final[row_of, pos]  # [M, E]
     exits_m = None if exits is None else exits[:, row_of, pos]  # [L, M, C]
-    amateur_logits = None if amateur_final is None else amateur.logits(amateur_final[row_of, pos]).float()
+    amateur_m = None if amateur_final is None else amateur_final[row_of, pos]  # [M, E']
     results = []
     for sc in configs:
         readout = readout_of(sc) if readout_of is not None else None
-        scores = method_log_scores(model, final_m, exits_m, layers, amateur_logits, readout, sc)
-        picked = scores.gather(-1, target[:, None])[:, 0]  # [M]
+        picked, best = [], []  # [M] each, SCORE_POSITIONS at a time: a method's [L, M, V] stays bounded
+        for at in range(0, len(target), SCORE_POSITIONS):
+            part = slice(at, at + SCORE_POSITIONS)
+            scores = method_log_scores(model, final_m[part], None if exits_m is None else exits_m[:, part], layers,
+                                       None if amateur_m is None else amateur.logits(amateur_m[part]).float(), readout,
+                                       sc)
+            picked.append(scores.gather(-1, target[part, None])[:, 0])
+            best.append(scores.amax(-1))
+        picked, best = torch.cat(picked), torch.cat(best)
         totals = torch.zeros(B, dtype=picked.dtype, device=device).index_add_(0, row_of, picked).tolist()
         if not all(map(math.isfinite, totals)):  # finite logits give finite log-likelihoods under every method
             raise LcdError(f"score: the model's {sc.method} log-likelihoods are NaN or infinite (weights that overflow "
                            f"{model.dtype}?)")
+        if greedy:  # a row is greedy when none of its tokens scores below its position's best
+            misses = torch.zeros(B, device=device).index_add_(0, row_of, (picked < best).float())
+            totals = list(zip(totals, (misses == 0).tolist()))
         results.append(totals)
     return results
