@@ -34,7 +34,9 @@ try:
 except ImportError:
     raise LcdError("lm-eval is not installed: pip install -e '.[lm-eval]'") from None
 
-from .evaluate import GENERATE_ONLY, SCORE_ONLY, TASK_DEFAULTS, MethodSpec, report
+from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from .evaluate import GENERATE_ONLY, SCORE_ONLY, TASK_DEFAULTS, MethodSpec, console, report
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DATA_MARK = "LCDFAST_DATA_DIR"  # where the shipped configs name the data directory
@@ -191,14 +193,20 @@ class LcdfastLM(TemplateLM):
             rows.append((tuple(context[-(room - len(continuation)):]), tuple(continuation)))
         todo = list(dict.fromkeys(r for r in rows if (self.active, *r) not in self.scored))
         todo.sort(key=lambda r: -len(r[0]) - len(r[1]))  # similar lengths share a batch: little padding
-        for start in range(0, len(todo), 64 * self.batch_size):
-            chunk = todo[start:start + 64 * self.batch_size]
-            per_method = self.engine.score_tokens([list(c) for c, _ in chunk], [list(t) for _, t in chunk],
-                                                  [self.score_options(i) for i in range(len(self.methods))],
-                                                  self.batch_size, greedy=True)
-            for i, results in enumerate(per_method):
-                for row, result in zip(chunk, results):
-                    self.scored[(i, *row)] = result
+        step = 8 * self.batch_size
+        label = f"scoring ({len(self.methods)} method{'s' if len(self.methods) > 1 else ''} at once)"
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                      disable=disable_tqdm or not todo) as progress:
+            bar = progress.add_task(label, total=len(todo))
+            for start in range(0, len(todo), step):
+                chunk = todo[start:start + step]
+                per_method = self.engine.score_tokens([list(c) for c, _ in chunk], [list(t) for _, t in chunk],
+                                                      [self.score_options(i) for i in range(len(self.methods))],
+                                                      self.batch_size, greedy=True)
+                for i, results in enumerate(per_method):
+                    for row, result in zip(chunk, results):
+                        self.scored[(i, *row)] = result
+                progress.advance(bar, len(chunk))
         return [self.scored[(self.active, *r)] for r in rows]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

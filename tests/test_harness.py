@@ -49,6 +49,18 @@ def test_loglikelihood_equals_the_scoring_api_under_every_method(tiny):
     assert len(lm.scored) == len(METHODS) * len(PAIRS)  # one pass scored every method
 
 
+def test_cd_through_the_harness_equals_the_scoring_api(tiny_dir):
+    path, _ = tiny_dir("llama-untied")
+    engine = lcdfast.load(path, max_seq_len=24)
+    engine.set_amateur(tiny_dir("llama-amateur")[0])
+    methods = [{"method": "cd"}, {"method": "cd", "beta": 0.5, "relative_top": 0.0}]
+    lm = LcdfastLM(engine, methods=methods)
+    for i, opts in enumerate(methods):
+        ours = lm.use(i).loglikelihood(requests("loglikelihood", PAIRS))
+        api = engine.score([c for c, _ in PAIRS], [t for _, t in PAIRS], **{"relative_top": 0.1, **opts})
+        assert max(abs(ll - ref) for (ll, _), ref in zip(ours, api)) < 1e-4
+
+
 def test_greedy_loglikelihood_and_is_greedy_equal_transformers(tiny):
     engine, hf = tiny
     lm = LcdfastLM(engine)
@@ -235,3 +247,14 @@ def test_eval_lm_eval_errors_are_one_line(tiny_dir, tmp_path, monkeypatch, capsy
     code = main(["eval", "lm-eval", *argv, "--model", str(model), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and needle in err[-1] and err[-1].startswith("lcdfast: "), err
+
+
+def test_without_lm_eval_the_command_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['lm_eval'] = None; from lcdfast.cli import main; sys.exit(main(" \
+           "['eval', 'lm-eval', '--tasks', 'lambada_openai']))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "lcdfast: error: lm-eval is not installed: pip install -e '.[lm-eval]'"], run.stderr
