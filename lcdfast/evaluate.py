@@ -248,8 +248,9 @@ TASK_DEFAULTS = {
     # lm-eval's likelihoods: DoLa's FACTOR recipe (its likelihood scoring with the plausibility mask)
     "lm-eval": {"dola": {"dola_layers": "low", "relative_top": 0.1, "post_softmax": True},
                 "cd": {"relative_top": 0.1, "post_softmax": True}},
-    "gsm8k": {"dola": {"dola_layers": "low"}},  # DoLa's chain-of-thought runs: the low bucket, no penalty
-    "strategyqa": {"dola": {"dola_layers": "low"}},
+    # DoLa's chain-of-thought runs: the low bucket, repetition penalty 1.2 (its scripts' default for DoLa)
+    "gsm8k": {"dola": {"dola_layers": "low", "repetition_penalty": 1.2}},
+    "strategyqa": {"dola": {"dola_layers": "low", "repetition_penalty": 1.2}},
 }
 GENERATION_TASKS = {"open-ended", "gsm8k", "strategyqa"}  # the others score given answers
 SCORE_ONLY = {"relative_top", "post_softmax", "relative_top_value"}

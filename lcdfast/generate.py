@@ -463,21 +463,21 @@ def score_ids(
     results = []
     for sc in configs:
         readout = readout_of(sc) if readout_of is not None else None
-        picked, best = [], []  # [M] each, SCORE_POSITIONS at a time: a method's [L, M, V] stays bounded
+        picked, best = [], []  # [M] each (score, argmax), SCORE_POSITIONS at a time: [L, M, V] stays bounded
         for at in range(0, len(target), SCORE_POSITIONS):
             part = slice(at, at + SCORE_POSITIONS)
             scores = method_log_scores(model, final_m[part], None if exits_m is None else exits_m[:, part], layers,
                                        None if amateur_m is None else amateur.logits(amateur_m[part]).float(), readout,
                                        sc)
             picked.append(scores.gather(-1, target[part, None])[:, 0])
-            best.append(scores.amax(-1))
+            best.append(scores.argmax(-1))  # ties go to the lowest id, as the harness's HF model
         picked, best = torch.cat(picked), torch.cat(best)
         totals = torch.zeros(B, dtype=picked.dtype, device=device).index_add_(0, row_of, picked).tolist()
         if not all(map(math.isfinite, totals)):  # finite logits give finite log-likelihoods under every method
             raise LcdError(f"score: the model's {sc.method} log-likelihoods are NaN or infinite (weights that overflow "
                            f"{model.dtype}?)")
-        if greedy:  # a row is greedy when none of its tokens scores below its position's best
-            misses = torch.zeros(B, device=device).index_add_(0, row_of, (picked < best).float())
+        if greedy:  # a row is greedy when each of its tokens is its position's argmax
+            misses = torch.zeros(B, device=device).index_add_(0, row_of, (best != target).float())
             totals = list(zip(totals, (misses == 0).tolist()))
         results.append(totals)
     return results

@@ -30,6 +30,7 @@ try:
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import normalize_gen_kwargs
     from lm_eval.tasks import TaskManager
 except ImportError:
     raise LcdError("lm-eval is not installed: pip install -e '.[lm-eval]'") from None
@@ -102,6 +103,9 @@ def check_tasks(tasks: list[str], manager: TaskManager, data: str | Path | None 
                            "--include-path DIR for your own configs)")
     files = shipped_tasks(data_dir(data))
     for task in tasks:
+        entry = manager.task_index.get(task)
+        if entry is None or "lm-eval-tasks" not in Path(entry.yaml_path or "").parts:
+            continue  # not (or no longer: an --include-path config overrides it) a shipped task
         missing = next((f for f in files.get(task, []) if not f.is_file()), None)
         if missing is not None:
             raise LcdError(f"{task}: data file {missing} not found (give --data-dir DIR, or set LCDFAST_DATA)")
@@ -110,11 +114,12 @@ def check_tasks(tasks: list[str], manager: TaskManager, data: str | Path | None 
 @register_model("lcdfast")
 class LcdfastLM(TemplateLM):
     """An Engine under one method at a time; `methods` lists engine options (score_config's and decode_config's
-    names; each call uses what applies) and `use(i)` picks one. Keyword options make a single method."""
+    names; each call uses what applies) and `use(i)` picks one. Keyword options make a single method.
+    Scored requests are kept for the other methods: set the engine's amateur or exit heads before, not after."""
 
     def __init__(self, engine=None, pretrained: str | None = None, methods: list[dict] | None = None,
-                 batch_size: int | str = 8, max_gen_toks: int = 256, add_bos_token: bool = False, seed: int = 0,
-                 dtype: str = "float32", device: str = "cpu", **options) -> None:
+                 batch_size: int | str = 8, max_gen_toks: int = 256, add_bos_token: bool | None = None,
+                 seed: int = 0, dtype: str = "float32", device: str = "cpu", **options) -> None:
         super().__init__()
         if engine is None:
             from .api import load
@@ -125,14 +130,20 @@ class LcdfastLM(TemplateLM):
         if methods is not None and options:
             raise LcdError(f"LcdfastLM: give methods=[...] or one method's options, not both ({sorted(options)})")
         self.engine, self.methods = engine, list(methods or [options])
+        if batch_size == "auto":
+            batch_size = 8
         self.batch_size, self.max_gen_toks, self.seed = int(batch_size), int(max_gen_toks), int(seed)
-        self.add_bos_token = add_bos_token
+        self.add_bos_token = add_bos_token  # None: as the tokenizer does (HFLM's default)
         self.active = 0
         self.scored: dict[tuple, tuple[float, bool]] = {}  # (method index, context ids, continuation ids) -> result
         self.said: set[str] = set()
+        configs = []
         for i in range(len(self.methods)):  # each method's options checked before the harness starts
-            self.engine.score_config(**self.score_options(i))
+            configs.append(self.engine.score_config(**self.score_options(i)))
             self.engine.decode_config(**self.generate_options(i))
+        self.room = self.engine.score_limit(configs)  # context + continuation tokens a scored row may hold
+        bos = self.engine.tokenizer.bos_token_id
+        self.bos_text = None if bos is None else self.engine.tokenizer.decode([bos], skip_special_tokens=False)
 
     def use(self, index: int) -> "LcdfastLM":
         """Evaluate with methods[index] from now on."""
@@ -157,7 +168,8 @@ class LcdfastLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return self.engine.eos_ids[0]
+        eos = self.engine.tokenizer.eos_token_ids
+        return eos[0] if eos else self.engine.eos_ids[0]
 
     @property
     def prefix_token_id(self) -> int:  # the context of an empty-context request: BOS where there is one, as HFLM
@@ -166,26 +178,33 @@ class LcdfastLM(TemplateLM):
 
     @property
     def max_length(self) -> int:  # the harness's: tokens fed, the last continuation token never is
-        return self.engine.max_seq_len - 1
+        return self.room - 1
 
     @property
     def tokenizer_name(self) -> str:
         return str(self.engine.model_dir).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        add = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        """As HFLM: `add_special_tokens`, else add_bos_token, else the tokenizer's own rule (no second BOS before
+        a string that starts with the BOS text)."""
+        add = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        if add is None:
+            add = not (self.bos_text and string.startswith(self.bos_text))
         return self.engine.tokenizer.encode(string, add_special_tokens=add)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.engine.tokenizer.decode(tokens)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not add_generation_prompt:
+            raise LcdError("lm-eval: chat templates here always end with the assistant's turn "
+                           "(add_generation_prompt=False is not supported)")
         return self.engine.tokenizer.apply_chat_template(chat_history)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(log-likelihood, is_greedy) of each (_, context ids, continuation ids) under the active method; the
         context is cut from the left to fit max_length, as the harness's HF model does."""
-        rows, room = [], self.engine.max_seq_len  # context + continuation tokens one row holds
+        rows, room = [], self.room
         for _, context, continuation in requests:
             if len(continuation) >= room:
                 raise LcdError(f"lm-eval: a continuation of {len(continuation)} tokens leaves no room for its context "
@@ -231,14 +250,14 @@ class LcdfastLM(TemplateLM):
         settings = []
         for i, r in enumerate(requests):
             context, kwargs = r.args
-            kwargs = dict(kwargs or {})
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            kwargs = dict(normalize_gen_kwargs(dict(kwargs or {}), self.max_gen_toks))  # the aliases, as HFLM
+            until = [u for u in kwargs.pop("until") if isinstance(u, str) and u]
+            max_gen = int(kwargs.pop("max_gen_toks"))
             opts = self.generate_options(self.active)
-            sampled = kwargs.pop("do_sample", None)
+            sampled = bool(kwargs.pop("do_sample"))
             picked = {k: kwargs.pop(k) for k in SAMPLING if k in kwargs}
-            sampled = picked.get("temperature", 0) > 0 if sampled is None else bool(sampled)  # as HF's generate
+            if not sampled:
+                picked.pop("temperature", None)  # 0.0: greedy
             if sampled and opts.get("method", "greedy") == "greedy":
                 opts = {**opts, "method": "sample", **picked}
             elif sampled:
@@ -249,14 +268,14 @@ class LcdfastLM(TemplateLM):
             if room < 1:
                 raise LcdError(f"lm-eval: max_gen_toks {max_gen} leaves no room for a context in {room + max_gen}")
             ids = self.tok_encode(context)[-room:] or [self.prefix_token_id]
-            key = (tuple(until), max_gen, tuple(sorted(opts.items(), key=str)))
+            key = (tuple(until), max_gen, json.dumps(opts, sort_keys=True))
             groups.setdefault(key, []).append(i)
             settings.append((ids, opts))
         out = [""] * len(requests)
         for (until, max_gen, _), members in groups.items():
             members.sort(key=lambda i: -len(settings[i][0]))
             gens = self.engine.generate([settings[i][0] for i in members], max_new_tokens=max_gen, seed=self.seed,
-                                        stop=[u for u in until if u], batch_size=self.batch_size,
+                                        stop=list(until), batch_size=self.batch_size,
                                         **settings[members[0]][1])
             for i, g in zip(members, gens):
                 out[i] = g.text

@@ -1,6 +1,7 @@
 """Chain-of-thought reasoning as DoLa evaluates it (its gsm8k_eval.py and strqa_eval.py): few-shot exemplars
 "Q: ...\\nA: <chain> <trigger> <answer>.", generation until "Q:" (and a task's second stop string), the answer
-read from the completion, accuracy. DoLa runs these with its low layer bucket and no repetition penalty.
+read from the completion, accuracy. DoLa runs these with its low layer bucket and repetition penalty 1.2 (its
+scripts' default in DoLa mode; 1.0 for the baseline).
 
 - GSM8K: Wei et al.'s 8 math exemplars; the answer is the first number after "the answer is", else the last
   number in the completion, commas dropped and a trailing "." cut; right if it equals, as a string, the number

@@ -82,6 +82,61 @@ def test_greedy_loglikelihood_and_is_greedy_equal_transformers(tiny):
     assert greedy, text
 
 
+def test_is_greedy_is_the_methods_own_argmax(tiny):
+    """A continuation the method itself generates greedily is its top choice everywhere; one token off is not."""
+    engine, _ = tiny
+    gen_methods = [{"method": "greedy"}, {"method": "acd", "amateur_layer": 2},
+                   {"method": "dola", "dola_layers": "low", "relative_top": 0.1}]
+    lm = LcdfastLM(engine, methods=gen_methods)
+    tok = engine.tokenizer
+    context = tok.encode("The quick brown", False)
+    for i, opts in enumerate(gen_methods):
+        ids = engine.generate([context], max_new_tokens=4, **{k: v for k, v in opts.items() if k != "relative_top"}
+                              )[0].token_ids
+        ids = [t for t in ids if t not in engine.eos_ids]
+        other = [(ids[0] + 1) % tok.vocab_size, *ids[1:]]
+        lm.use(i)
+        (_, own), (_, off) = lm._loglikelihood_tokens([(None, context, ids), (None, context, other)])
+        assert own and not off, opts
+
+
+def test_scores_do_not_depend_on_how_positions_are_chunked(tiny, monkeypatch):
+    engine, _ = tiny
+    lm = LcdfastLM(engine, methods=METHODS)
+    whole = [lm.use(i).loglikelihood(requests("loglikelihood", PAIRS)) for i in range(len(METHODS))]
+    import lcdfast.generate
+
+    monkeypatch.setattr(lcdfast.generate, "SCORE_POSITIONS", 3)
+    lm = LcdfastLM(engine, methods=METHODS)
+    chunked = [lm.use(i).loglikelihood(requests("loglikelihood", PAIRS)) for i in range(len(METHODS))]
+    for a, b in zip(whole, chunked):
+        assert [g for _, g in a] == [g for _, g in b] and max(abs(x - y) for (x, _), (y, _) in zip(a, b)) < 1e-5
+
+
+def test_a_context_too_long_is_cut_from_the_left(tiny):
+    engine, hf = tiny
+    lm = LcdfastLM(engine)
+    tok = engine.tokenizer
+    context = tok.encode("The quick brown fox jumps over the lazy dog. Layers improve gradually, layer by", False)
+    continuation = tok.encode(" layer.", False)
+    assert len(context) + len(continuation) > engine.max_seq_len
+    (ll, _), = lm._loglikelihood_tokens([(None, context, continuation)])
+    kept = context[-(engine.max_seq_len - len(continuation)):]
+    assert abs(ll - hf_logprobs(hf, kept + continuation)[0][-len(continuation):].sum().item()) < 1e-4
+
+
+def test_bos_as_the_tokenizer_adds_it(tiny, monkeypatch):
+    engine, _ = tiny
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "add_bos", True)
+    lm = LcdfastLM(engine)
+    bos = tok.bos_token_id
+    assert lm.tok_encode("The quick")[0] == bos and lm.tok_encode("The quick")[1] != bos
+    assert lm.tok_encode("<s>The quick") == lm.tok_encode("The quick")  # no second BOS
+    assert lm.tok_encode("The quick", add_special_tokens=False)[0] != bos
+    assert LcdfastLM(engine, add_bos_token=False).tok_encode("The quick")[0] != bos
+
+
 def test_empty_context_conditions_on_the_prefix_token(tiny):
     engine, hf = tiny
     lm = LcdfastLM(engine)
@@ -127,6 +182,13 @@ def test_generate_until_stops_on_the_tasks_stop_strings(tiny):
     assert outs[2] == engine.generate(prompt, max_new_tokens=3)[0].text  # max_gen_toks
     acd = lm.use(1).generate_until(requests("generate_until", [(prompt, {"until": [], "max_gen_toks": 8})]))
     assert acd[0] == engine.generate(prompt, max_new_tokens=8, method="acd", amateur_layer=2)[0].text
+    contexts = ["The quick brown", "Layers", "Contrastive decoding scores tokens by"]
+    same = lm.use(0).generate_until(requests("generate_until", [(c, {"until": ["\u2603"], "max_new_tokens": 5})
+                                                                for c in contexts]))  # one batch, longest first
+    assert same == [engine.generate(c, max_new_tokens=5)[0].text for c in contexts]  # in the requests' order
+    listed = LcdfastLM(engine, method="dola", dola_layers=[0, 1]).generate_until(
+        requests("generate_until", [(prompt, {"until": [], "max_gen_toks": 4})]))
+    assert listed == [engine.generate(prompt, max_new_tokens=4, method="dola", dola_layers=[0, 1])[0].text]
     sampled = lm.use(0).generate_until(requests("generate_until", [(prompt, {"do_sample": True, "temperature": 1.0,
                                                                              "max_gen_toks": 8})]))
     assert sampled[0] == engine.generate(prompt, max_new_tokens=8, method="sample", temperature=1.0)[0].text
@@ -203,7 +265,9 @@ def test_the_harness_runs_local_tasks_end_to_end(tiny, tmp_path, monkeypatch):
                  ("Contrastive decoding scores tokens by how", " much")]
         ppl = math.exp(-sum(engine.score([c for c, _ in words], [w for _, w in words], **METHODS[i])) / 3)
         assert abs(got[i]["lambada_openai"]["perplexity"] - ppl) < 1e-3 * ppl
-        assert 0 <= got[i]["lambada_openai"]["acc"] <= 1
+        greedy = [w for (c, w), (_, g) in zip(words, lm._loglikelihood_tokens(
+            [(None, *lm._encode_pair(c, w)) for c, w in words])) if g]
+        assert got[i]["lambada_openai"]["acc"] == pytest.approx(len(greedy) / 3)
     assert set(got[0]["tiny_ll"]) == {"acc"} and set(got[0]["tiny_gen"]) == {"exact_match"}
 
 

@@ -115,7 +115,7 @@ def test_accuracy_through_a_scripted_engine(tmp_path):
     summary = eval_reasoning(engine, "strategyqa", s, tmp_path / "out", [MethodSpec("dola", "dola", {})])
     row = summary["methods"]["dola"]
     assert row["accuracy"] == pytest.approx(2 / 3) and row["answered"] == pytest.approx(2 / 3)
-    assert row["options"]["dola_layers"] == "low"  # DoLa's bucket for these tasks
+    assert row["options"]["dola_layers"] == "low" and row["options"]["repetition_penalty"] == 1.2  # as DoLa
     assert engine.calls[0][1]["stop"] == ["Q:", "\n\n##"]
     again = ScriptedEngine([])  # every record is there: nothing is generated again
     assert eval_reasoning(again, "strategyqa", s, tmp_path / "out", [MethodSpec("dola", "dola", {})]) == summary
