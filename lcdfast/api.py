@@ -426,7 +426,7 @@ class Engine:
         continuations = [continuations] if isinstance(continuations, str) else list(continuations)
         if len(prompts) != len(continuations):
             raise LcdError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
-        whole("batch_size", batch_size, 1)
+        whole("batch_size", batch_size, 1)  # before any tokenizing
         p_ids, c_ids = [], []
         for p, c in zip(prompts, continuations):
             ids = self.encode_prompt(p)

@@ -460,24 +460,26 @@ def score_ids(
     final_m = final[row_of, pos]  # [M, E]
     exits_m = None if exits is None else exits[:, row_of, pos]  # [L, M, C]
     amateur_m = None if amateur_final is None else amateur_final[row_of, pos]  # [M, E']
-    results = []
-    for sc in configs:
-        readout = readout_of(sc) if readout_of is not None else None
-        picked, best = [], []  # [M] each (score, argmax), SCORE_POSITIONS at a time: [L, M, V] stays bounded
-        for at in range(0, len(target), SCORE_POSITIONS):
-            part = slice(at, at + SCORE_POSITIONS)
+    readouts = [readout_of(sc) if readout_of is not None else None for sc in configs]
+    picked, best = [[] for _ in configs], [[] for _ in configs]  # per config: [M] scores and argmaxes
+    for at in range(0, len(target), SCORE_POSITIONS):  # SCORE_POSITIONS at a time: a method's [L, M, V] stays bounded
+        part = slice(at, at + SCORE_POSITIONS)
+        amateur_logits = None if amateur_m is None else amateur.logits(amateur_m[part]).float()
+        for k, (sc, readout) in enumerate(zip(configs, readouts)):
             scores = method_log_scores(model, final_m[part], None if exits_m is None else exits_m[:, part], layers,
-                                       None if amateur_m is None else amateur.logits(amateur_m[part]).float(), readout,
-                                       sc)
-            picked.append(scores.gather(-1, target[part, None])[:, 0])
-            best.append(scores.argmax(-1))  # ties go to the lowest id, as the harness's HF model
-        picked, best = torch.cat(picked), torch.cat(best)
-        totals = torch.zeros(B, dtype=picked.dtype, device=device).index_add_(0, row_of, picked).tolist()
+                                       amateur_logits, readout, sc)
+            picked[k].append(scores.gather(-1, target[part, None])[:, 0])
+            if greedy:
+                best[k].append(scores.argmax(-1))  # ties go to the lowest id, as the harness's HF model
+    results = []
+    for k, sc in enumerate(configs):
+        picked_k = torch.cat(picked[k])
+        totals = torch.zeros(B, dtype=picked_k.dtype, device=device).index_add_(0, row_of, picked_k).tolist()
         if not all(map(math.isfinite, totals)):  # finite logits give finite log-likelihoods under every method
             raise LcdError(f"score: the model's {sc.method} log-likelihoods are NaN or infinite (weights that overflow "
                            f"{model.dtype}?)")
         if greedy:  # a row is greedy when each of its tokens is its position's argmax
-            misses = torch.zeros(B, device=device).index_add_(0, row_of, (best != target).float())
+            misses = torch.zeros(B, device=device).index_add_(0, row_of, (torch.cat(best[k]) != target).float())
             totals = list(zip(totals, (misses == 0).tolist()))
         results.append(totals)
     return results
