@@ -29,6 +29,7 @@ from .generate import (
 from .heads import ExitHeads, load_exit_heads, shared_head_auto_layer
 from .kernels import csrc_on
 from .model import Transformer
+from .parallel import device_of, init, shard_model
 from .tokenizer import StreamDecoder, Tokenizer, releasable
 
 
@@ -135,6 +136,7 @@ class Engine:
         """The step a run uses (compiled or eager), its timing key, and whether it compiles first (a new graph)."""
         model = self.model
         weights = str(model.dtype).removeprefix("torch.") + (f"-{model.quantization}" if model.quantization else "")
+        weights += f"-tp{self.model.vocab_shard.group.size()}" if self.model.vocab_shard is not None else ""
         key = step_key(self.model_dir, weights, model.device.type, dc, batch, slots)
         if self.compile_mode == "off" or steps < 1:  # no decode step to compile
             return decode_step, key, False
@@ -534,14 +536,16 @@ class Engine:
 
 
 def load(path: str | Path | None = None, dtype: str = "float32", device: str = "cpu", compile: bool | None = None,
-         max_seq_len: int = 4096, quantize: str | None = None) -> Engine:
+         max_seq_len: int = 4096, quantize: str | None = None, tp: int = 1) -> Engine:
     """Load a checkpoint directory (default: the bundled SmolLM2-135M-Instruct, converted once).
 
     `compile`: None compiles the decode step for the runs where that pays off (see compiling.py), True for every
     run, False never. `quantize`: weight-only quantization of every linear and the head as they are read ('int8':
     one scale per output row; 'int8:G', 'int4' = 'int4:32', 'int4:G': per group of G inputs; quant.py); 'gguf':
     the blocks of a checkpoint converted from GGUF, as they are; '': float; None: as stored (a quantized
-    checkpoint's codes, else float)."""
+    checkpoint's codes, else float). `tp`: split the model over that many ranks (tensor parallel; the process
+    is one of them, started by torchrun with as many processes): each loads the checkpoint on the CPU, keeps its
+    part (parallel.shard_model) and moves it to `device` (its own GPU under CUDA)."""
     if path is None:
         from .convert import default_model_dir
         path = default_model_dir()
@@ -551,7 +555,14 @@ def load(path: str | Path | None = None, dtype: str = "float32", device: str = "
         raise LcdError(f"device: '{device}' requested but CUDA is not available")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise LcdError(f"device: '{device}' unsupported (expected cpu or cuda)")
-    model = load_model(path, dtype, device, quantize)
+    whole("tp", tp, 1)
+    _, ranks = init(device)
+    device = device_of(device)
+    if tp > 1 and ranks != tp:
+        raise LcdError(f"--tp {tp}: this process is one of {ranks} (launch with torchrun --nproc-per-node {tp})")
+    model = load_model(path, dtype, "cpu" if tp > 1 else device, quantize)
+    if tp > 1:
+        model = shard_model(model).to(device)
     engine = Engine(model, Tokenizer.load(path), path, max_seq_len)
     if compile is not None and not isinstance(compile, bool):
         raise LcdError(f"compile: {compile!r} must be True, False or None")

@@ -7,6 +7,7 @@ those imports is an interruption like any other."""
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -64,8 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text")
-    g.add_argument("prompt", nargs="+")
+    g.add_argument("prompt", nargs="*")
     add_model_args(g)
+    g.add_argument("--prompts-file", default=None,
+                   help="a batch job: JSONL of {\"prompt\": ..., \"id\": ...} (or one prompt per line in a text file)")
+    g.add_argument("--out", default=None, help="the batch job's JSONL records (resumes what is already there)")
+    g.add_argument("--tp", type=int, default=1,
+                   help="split the model over N ranks (tensor parallel; launch with torchrun --nproc-per-node N)")
     add_method_args(g)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--do-sample", action="store_true", help="sample from the method's distribution")
@@ -194,7 +200,7 @@ def load_engine(args):
 
     if getattr(args, "csrc", False):
         kernels.enable()  # one line on stderr, and the torch path, if they can't be built
-    engine = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    engine = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, tp=getattr(args, "tp", 1))
     if getattr(args, "exit_heads", None):
         engine.set_exit_heads(args.exit_heads)
     if getattr(args, "amateur_model", None):
@@ -208,6 +214,13 @@ def load_engine(args):
 
 
 def cmd_generate(args) -> None:
+    if bool(args.prompt) == bool(args.prompts_file):
+        raise LcdError("generate: give prompts or --prompts-file FILE, not both" if args.prompt else
+                       "generate: give a prompt (or --prompts-file FILE --out FILE.jsonl)")
+    if bool(args.prompts_file) != bool(args.out):
+        raise LcdError("--prompts-file and --out go together (a batch job: prompts in, JSONL records out)")
+    if args.prompts_file and not Path(args.prompts_file).is_file():
+        raise LcdError(f"--prompts-file: {args.prompts_file} is not a file")
     engine = load_engine(args)
     options = dict(method=args.method, do_sample=True if args.do_sample else None, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -216,6 +229,16 @@ def cmd_generate(args) -> None:
                    amateur_temperature=args.amateur_temperature, exit_norm=args.exit_norm,
                    contrast_special=args.contrast_special)
     engine.decode_config(**options)  # validate before any work
+    if args.prompts_file:
+        from . import evaluate, parallel
+
+        t0 = time.perf_counter()
+        records = evaluate.generate_file(engine, args.prompts_file, args.out, options, args.max_new_tokens, args.seed,
+                                         args.stop, args.chat, args.batch_size)
+        if parallel.is_main():
+            print(f"wrote {args.out}: {len(records)} records, {sum(r['new_tokens'] for r in records)} new tokens "
+                  f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+        return
     streaming = not args.json and len(args.prompt) == 1
     shown = []  # the prompt is printed with the first new text, so an error before it prints nothing else
 
@@ -323,7 +346,6 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import os
     import socket
 
     try:
@@ -454,6 +476,8 @@ def run_command(argv: list[str]) -> int:
     commands = {"generate": cmd_generate, "lens": cmd_lens, "convert": cmd_convert, "quantize": cmd_quantize,
                 "bench": cmd_bench, "eval": cmd_eval, "fit-lens": cmd_fit_lens, "train-heads": cmd_train_heads,
                 "serve": cmd_serve}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")  # one of torchrun's ranks: rank 0 prints the results
     try:
         check_text(args)
         commands[args.command](args)

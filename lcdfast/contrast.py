@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from .kernels import csrc_on
 from .model import linear, realized, softcapped
+from .parallel import VocabShard, all_reduce, gather_vocab
 from .quant import QuantWeight, weight_rows
 
 
@@ -61,11 +62,13 @@ def amateur_logits_at(hidden: Tensor, head: Tensor | QuantWeight, token_ids: Ten
 
 def acd_log_probs_masked(
     expert_logits: Tensor, amateur_hidden: Tensor, head: Tensor, alpha: float = 0.1, min_tokens_to_keep: int = 1,
-    candidates: int = 64, special: Tensor | None = None, softcap: float = 0.0,
+    candidates: int = 64, special: Tensor | None = None, softcap: float = 0.0, shard: VocabShard | None = None,
 ) -> Tensor:
     """acd_log_probs with the amateur's logits computed only on V_head (DESIGN.md §4.3). [B, V].
     `head` is an LM head weight [V, E], float or quantized; `softcap`: the model's final soft-capping, applied to
-    the amateur's logits as to the expert's (elementwise, so on the candidates alone too).
+    the amateur's logits as to the expert's (elementwise, so on the candidates alone too). `shard`: `head` holds
+    only this rank's vocabulary rows (tensor parallel): each rank scores the candidates it holds and one
+    all-reduce of [B, K] brings them together (the full projection's fallback gathers [B, V]).
 
     V_head is a prefix of the expert's ranking, so when it fits in the top `candidates` tokens those are
     all the amateur must score; when any row's V_head is larger, the full projection runs instead (exact)."""
@@ -78,7 +81,14 @@ def acd_log_probs_masked(
         in_head = top_logp >= threshold
         if special is not None:
             in_head = in_head & ~special[top_ids]
-        amateur_logits = softcapped(amateur_logits_at(amateur_hidden, head, top_ids).float(), softcap)
+        if shard is None:
+            amateur_logits = amateur_logits_at(amateur_hidden, head, top_ids).float()
+        else:  # zero where another rank holds the token, then summed over the ranks
+            local = top_ids - shard.start
+            mine = (local >= 0) & (local < shard.rows)
+            at = amateur_logits_at(amateur_hidden, head, local.clamp(0, shard.rows - 1)).float()
+            amateur_logits = all_reduce(torch.where(mine, at, 0.0), shard.group)
+        amateur_logits = softcapped(amateur_logits, softcap)
         contrast = torch.where(in_head, top_logp - amateur_logits, -math.inf)
         head_mass = torch.where(in_head, top_logp, -math.inf).logsumexp(-1, keepdim=True)
         return expert_logp.scatter(1, top_ids, torch.where(in_head, contrast.log_softmax(-1) + head_mass, top_logp))
@@ -87,7 +97,9 @@ def acd_log_probs_masked(
         mask = expert_logp >= threshold
         if special is not None:
             mask = mask & ~special
-        amateur_logits = softcapped(linear(amateur_hidden, head).float(), softcap)
+        amateur_logits = linear(amateur_hidden, head)
+        amateur_logits = softcapped((amateur_logits if shard is None else gather_vocab(amateur_logits, shard)).float(),
+                                    softcap)
         contrast = torch.where(mask, expert_logp - amateur_logits, -math.inf)
         head_mass = torch.where(mask, expert_logp, -math.inf).logsumexp(-1, keepdim=True)
         return torch.where(mask, contrast.log_softmax(-1) + head_mass, expert_logp)
@@ -140,7 +152,11 @@ def js_divergence(final_logits: Tensor, layer_logits: Tensor) -> Tensor:
 
 def dola_select_layer(final_logits: Tensor, layer_logits: Tensor, batch_mode: bool = False) -> Tensor:
     """Index into the candidate layers of the most distant one, per row [B] (or one for the batch, repeated)."""
-    js = js_divergence(final_logits, layer_logits)  # [L, B]
+    return most_distant(js_divergence(final_logits, layer_logits), batch_mode)
+
+
+def most_distant(js: Tensor, batch_mode: bool = False) -> Tensor:
+    """The candidate of largest divergence js [L, B] per row [B] (batch_mode: of largest mean, for every row)."""
     if batch_mode:
         return js.mean(-1).argmax().expand(js.shape[1])
     return js.argmax(0)

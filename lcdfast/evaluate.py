@@ -12,6 +12,7 @@ Each runner appends one JSONL record per item as soon as it is done and skips it
 so an interrupted run resumes where it stopped. Aggregates go to `summary.json`, keyed by data file."""
 
 import csv
+import glob
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
+from . import parallel
 from .errors import LcdError
 from .tables import print_table
 
@@ -348,9 +350,10 @@ def task_options(spec: MethodSpec, task: str, scoring: bool) -> dict:
 
 # ---- resumable runs ------------------------------------------------------------------------------------------
 
-def load_records(path: Path, fields: dict | None = None) -> list[dict]:
+def load_records(path: Path, fields: dict | None = None, clean: bool = True) -> list[dict]:
     """Records already in `path`: JSON objects with a string `id` (and `fields`: {key: type}); a torn last line
-    (a run killed mid-write) is dropped from the file, any other line that is not a record is an LcdError."""
+    (a run killed mid-write) is dropped (and with `clean`, from the file too), any other line that is not a record
+    is an LcdError."""
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -374,8 +377,10 @@ def load_records(path: Path, fields: dict | None = None) -> list[dict]:
                            f"{getattr(fields[bad], '__name__', 'number')} (delete the file to start over)")
         records.append(rec)
     text = "".join(json.dumps(r) + "\n" for r in records)
-    if text.encode("utf-8") != data:
-        path.write_text(text, encoding="utf-8")
+    if clean and text.encode("utf-8") != data:  # atomically: another rank may be reading it
+        tmp = path.with_name(path.name + ".clean")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
     return records
 
 
@@ -391,10 +396,17 @@ def run_resumable(path: Path, items: list[dict], config: dict, work: Callable[[l
     """Apply `work` to the items not yet recorded in `path`, `chunk` at a time, appending each chunk's records as
     they come; return the records of `items` in order. `config` (the settings that change results) is stored in
     every record and must match. Chunks are cut from `items` as a fresh run cuts them, a chunk partly recorded
-    is redone whole: a resumed run batches (and seeds) every item as a run from scratch does."""
+    is redone whole: a resumed run batches (and seeds) every item as a run from scratch does.
+
+    Launched as several ranks (torchrun), the ranks share the chunks (parallel.claimed) and each appends to its
+    own shard file beside `path`; rank 0 merges the shards into `path` before (a killed run's) and after the work,
+    so `path` ends up as one process writes it, and shows the whole job's progress."""
     config = json.loads(json.dumps(config))
+    ranks = parallel.data_ranks()
+    if ranks > 1:  # what earlier launches left in shard files goes into `path` first
+        parallel.same_everywhere(_merged(path, items, fields) if parallel.is_main() else None)
     done = {}
-    for r in load_records(path, fields):
+    for r in load_records(path, fields, clean=ranks == 1 and parallel.is_main()):
         if r.get("config") != config:
             old, new = _flat(r.get("config")), _flat(config)
             diff = [f"{k} {old.get(k, 'unset')!r}, now {new.get(k, 'unset')!r}" for k in dict.fromkeys([*old, *new])
@@ -405,17 +417,123 @@ def run_resumable(path: Path, items: list[dict], config: dict, work: Callable[[l
     todo = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     todo = [batch for batch in todo if any(it["id"] not in done for it in batch)]
     columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn())
-    with path.open("a", encoding="utf-8") as f, Progress(*columns, console=console) as progress:
-        bar = progress.add_task(label, total=len(items), completed=len(items) - sum(map(len, todo)))
-        for batch in todo:
-            records = work(batch)
+    job, left = parallel.new_job(str(path.resolve())), sum(map(len, todo))
+    if ranks > 1:
+        parallel.barrier()  # every rank has read `path` before any writes
+    out = path if ranks == 1 else shard_file(path, parallel.rank())
+    out = out if parallel.is_main() or ranks > 1 else Path(os.devnull)  # tensor parallel: rank 0 writes
+    with out.open("a", encoding="utf-8") as f, Progress(*columns, console=console,
+                                                        disable=not parallel.is_main()) as progress:
+        bar = progress.add_task(label, total=len(items), completed=len(items) - left)
+        show = lambda n: progress.update(bar, completed=len(items) - left + n)
+        for k in range(len(todo)) if ranks == 1 else parallel.claimed(len(todo), job):
+            records = work(todo[k])
             for rec in records:
                 rec["config"] = config
                 done[rec["id"]] = rec
             f.write("".join(json.dumps(rec) + "\n" for rec in records))
             f.flush()
-            progress.advance(bar, len(batch))
+            if ranks == 1:
+                progress.advance(bar, len(todo[k]))
+                continue
+            n = parallel.add_done(job, len(todo[k]))
+            if parallel.is_main():
+                show(n)
+        if ranks > 1 and parallel.is_main():
+            parallel.wait_done(job, left, show)
+    if ranks == 1:
+        return [done[it["id"]] for it in items]
+    parallel.barrier()
+    parallel.same_everywhere(_merged(path, items, fields) if parallel.is_main() else None)
+    done = {r["id"]: r for r in load_records(path, fields, clean=False)}
     return [done[it["id"]] for it in items]
+
+
+def shard_file(path: Path, rank: int) -> Path:
+    """Where rank `rank` of a data-parallel run appends its records for `path`."""
+    return path.with_name(f"{path.name}.rank{rank}")
+
+
+def _merged(path: Path, items: list[dict], fields: dict | None) -> str | None:
+    """Fold the shard files beside `path` into it: its records and theirs, once each (a record written twice, by a
+    chunk redone after a kill, kept as last written), in the order of `items`, then any of other items (a run with
+    a larger --limit) in their order. Returns an error's message, or None."""
+    try:
+        shards = sorted(path.parent.glob(f"{glob.escape(path.name)}.rank*"))
+        records = {}
+        for file in [path, *shards]:
+            for r in load_records(file, fields):
+                records.pop(r["id"], None)
+                records[r["id"]] = r
+        if not shards:
+            return None
+        order = [it["id"] for it in items if it["id"] in records]
+        order += [i for i in records if i not in set(order)]
+        tmp = path.with_name(path.name + ".merging")
+        tmp.write_text("".join(json.dumps(records[i]) + "\n" for i in order), encoding="utf-8")
+        os.replace(tmp, path)
+        for file in shards:
+            file.unlink()
+    except (LcdError, OSError) as e:
+        return str(e)
+    return None
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """A batch job's prompts: per line a JSON object with a string `prompt` (and an `id`, else the line number) or a
+    JSON string; in a file not named .jsonl, a line that is not JSON is a prompt as it stands."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LcdError(f"{path}: cannot read ({e})") from None
+    items, seen = [], {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            if Path(path).suffix == ".jsonl":
+                raise LcdError(f"{path}:{lineno}: not valid JSON") from None
+            rec = line
+        if isinstance(rec, str):
+            rec = {"prompt": rec}
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+            raise LcdError(f"{path}:{lineno}: expected a non-empty string 'prompt' (or a JSON string)")
+        if not isinstance(rec.get("id", ""), str | int) or isinstance(rec.get("id"), bool):
+            raise LcdError(f"{path}:{lineno}: 'id' must be a string or an integer")
+        item = {"id": str(rec.get("id", lineno)), "prompt": rec["prompt"]}
+        if item["id"] in seen:
+            raise LcdError(f"{path}:{lineno}: id {item['id']!r} already on line {seen[item['id']]} (ids must differ)")
+        seen[item["id"]] = lineno
+        items.append(item)
+    if not items:
+        raise LcdError(f"{path}: no prompts")
+    return items
+
+
+def generate_file(engine, prompts_path: str | Path, out_path: str | Path, options: dict, max_new_tokens: int = 64,
+                  seed: int = 0, stop: list[str] | None = None, chat: bool = False, batch_size: int = 8) -> list[dict]:
+    """A batch job: every prompt of `prompts_path` generated as `lcdfast generate` would, one JSONL record each in
+    `out_path`, resumable (run_resumable; sharded over the ranks when launched by torchrun)."""
+    items = read_prompts(prompts_path)
+    dc = engine.decode_config(**options)  # validated before any work; the config as the records store it
+    config = {"options": {k: v for k, v in options.items() if v is not None}, "max_new_tokens": max_new_tokens,
+              "seed": seed, "stop": list(stop or []), "chat": chat, "model": str(engine.model_dir)}
+    if dc.do_sample:
+        config["batch_size"] = batch_size
+
+    def work(batch: list[dict]) -> list[dict]:
+        outs = engine.generate([it["prompt"] for it in batch], max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+                               chat=chat, batch_size=batch_size, **options)
+        return [{"id": it["id"], "prompt": it["prompt"], "text": o.text, "token_ids": o.token_ids,
+                 "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens, "new_tokens": o.new_tokens,
+                 **({"dola_layers": o.dola_layers} if o.dola_layers is not None else {}),
+                 "seconds": round(o.seconds / len(batch), 4)} for it, o in zip(batch, outs)]
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return run_resumable(out, items, config, work, batch_size, "generating", {"text": str, "token_ids": list})
 
 
 def _out_file(out_dir: str | Path, data: str | Path, name: str) -> Path:
@@ -522,7 +640,8 @@ def eval_open_ended(engine, prompts_path: str | Path, out_dir: str | Path, metho
         rows[name] = {**row, "new_tokens": new_tokens / len(recs), "seconds": seconds,
                       "tokens/s": new_tokens / seconds if seconds > 0 else None, "options": opts}
     summary = _finish("open-ended", prompts_path, out_dir, len(items), rows, notes)
-    plot_open_ended(summary, Path(out_dir) / f"{Path(prompts_path).stem}.png")
+    if parallel.is_main():
+        plot_open_ended(summary, Path(out_dir) / f"{Path(prompts_path).stem}.png")
     return summary
 
 
@@ -585,7 +704,8 @@ def eval_factor(engine, csv_path: str | Path, out_dir: str | Path, methods: list
 
 def _finish(task: str, data: str | Path, out_dir: str | Path, n: int, rows: dict, notes: list[str]) -> dict:
     summary = {"task": task, "data": str(data), "items": n, "methods": rows, "notes": list(dict.fromkeys(notes))}
-    report(summary, out_dir)
+    if parallel.is_main():  # one table and one summary.json for a data-parallel run
+        report(summary, out_dir)
     return summary
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import contrast
+from . import contrast, parallel
 from .errors import LcdError
 from .model import Transformer, linear, softcapped
 
@@ -101,6 +101,7 @@ def contrast_scores(
     """Scores over the vocabulary [B, V] for the method, and DoLa's chosen candidate index [B] (else zeros)."""
     chosen = torch.zeros(final.shape[0], dtype=torch.long, device=final.device)
     shared_head = readout is None or readout.heads is None
+    shard = model.vocab_shard if shared_head else None  # tensor parallel: this rank's rows of the head
     if dc.method == "dola" and shared_head:
         # expert and candidates through the head in one pass over its weights: [1 + L, B, E] -> [1 + L, B, V]
         logits = model.output(torch.cat([final[None], readout_hidden(model, exits, dc.exit_norm, readout)]))
@@ -108,6 +109,13 @@ def contrast_scores(
         cap = model.config.final_softcap
         expert = softcapped(logits[0], cap).float()
         layers = softcapped(logits[1:], cap if dc.exit_norm else 0.0).float()
+        if shard is not None:  # [.., Vr]: the divergences from sharded sums, then the expert and chosen layer whole
+            if len(dc.exit_layers) > 1:
+                chosen = contrast.most_distant(parallel.sharded_js_divergence(expert, layers, shard),
+                                               dc.dola_batch_mode)
+            premature = layers.gather(0, chosen[None, :, None].expand(1, *expert.shape))[0]  # [B, Vr]
+            expert, premature = parallel.gather_vocab(torch.stack([expert, premature]), shard)  # [2, B, V]
+            return contrast.dola_scores(expert, premature, dc.alpha, dc.min_tokens_to_keep), chosen
     else:
         expert = model.logits(final).float()  # [B, V]
     if dc.method in ("greedy", "sample"):
@@ -121,7 +129,7 @@ def contrast_scores(
         head = model.output.weight if shared_head else readout.heads[0]  # [V, E]
         return contrast.acd_log_probs_masked(expert, hidden, head, dc.alpha, dc.min_tokens_to_keep,
                                              dc.head_candidates, special,
-                                             model.config.final_softcap if dc.exit_norm else 0.0), chosen
+                                             model.config.final_softcap if dc.exit_norm else 0.0, shard), chosen
     if dc.method == "acd" or not shared_head:
         layers = exit_logits(model, exits, dc.exit_norm, readout)  # [L, B, V]
     if dc.method == "acd":

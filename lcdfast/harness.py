@@ -37,6 +37,7 @@ except ImportError:
 
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
+from . import parallel
 from .evaluate import GENERATE_ONLY, SCORE_ONLY, TASK_DEFAULTS, MethodSpec, console, report
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -141,6 +142,7 @@ class LcdfastLM(TemplateLM):
         for i in range(len(self.methods)):  # each method's options checked before the harness starts
             configs.append(self.engine.score_config(**self.score_options(i)))
             self.engine.decode_config(**self.generate_options(i))
+        self._rank, self._world_size = parallel.rank(), parallel.world()
         self.room = self.engine.score_limit(configs)  # context + continuation tokens a scored row may hold
         bos = self.engine.tokenizer.bos_token_id
         self.bos_text = None if bos is None else self.engine.tokenizer.decode([bos], skip_special_tokens=False)
@@ -214,9 +216,12 @@ class LcdfastLM(TemplateLM):
         todo.sort(key=lambda r: -len(r[0]) - len(r[1]))  # similar lengths share a batch: little padding
         step = 8 * self.batch_size
         label = f"scoring ({len(self.methods)} method{'s' if len(self.methods) > 1 else ''} at once)"
+        total, job = len(todo), None
+        if self.world_size > 1:  # data parallel: each rank holds the harness's share; rank 0 shows the whole job's
+            total, job = parallel.all_reduce_int(len(todo)), parallel.new_job("lm-eval")
         with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                      disable=disable_tqdm or not todo) as progress:
-            bar = progress.add_task(label, total=len(todo))
+                      disable=disable_tqdm or not total or not parallel.is_main()) as progress:
+            bar = progress.add_task(label, total=total)
             for start in range(0, len(todo), step):
                 chunk = todo[start:start + step]
                 per_method = self.engine.score_tokens([list(c) for c, _ in chunk], [list(t) for _, t in chunk],
@@ -225,8 +230,37 @@ class LcdfastLM(TemplateLM):
                 for i, results in enumerate(per_method):
                     for row, result in zip(chunk, results):
                         self.scored[(i, *row)] = result
-                progress.advance(bar, len(chunk))
+                if job is None:
+                    progress.advance(bar, len(chunk))
+                else:
+                    done = parallel.add_done(job, len(chunk))
+                    progress.update(bar, completed=done)  # (rank 0's bar alone is shown)
+            if job is not None and parallel.is_main():
+                parallel.wait_done(job, total, lambda done: progress.update(bar, completed=done))
         return [self.scored[(self.active, *r)] for r in rows]
+
+    # data parallel (torchrun): the harness shares the requests out by rank and gathers the metrics to rank 0
+    @property
+    def device(self):
+        return self.engine.model.device
+
+    def all_gather(self, tensor):
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        import torch.distributed as dist
+
+        parts = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, parts, dst=dst)
+        return parts
+
+    def barrier(self) -> None:
+        parallel.barrier()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each text's log-likelihood over the harness's disjoint rolling windows of max_length tokens."""
@@ -324,6 +358,8 @@ def run_tasks(engine, tasks: list[str], out_dir: str | Path, methods: list[Metho
         except OverflowError:  # a perplexity of log-likelihoods far below any real one
             raise LcdError(f"methods: '{spec.name}': a perplexity overflowed (a relative-top mask scores -1000 outside "
                            "its set; leave /rt at 0 for the harness)") from None
+        if not parallel.is_main():  # the harness returns the gathered results on rank 0 alone
+            continue
         name = re.sub(r"[^A-Za-z0-9.=+-]", "_", spec.name)
         (out / f"lm-eval-{name}.json").write_text(
             json.dumps(result, indent=2, default=lm_utils.handle_non_serializable) + "\n", encoding="utf-8")
@@ -332,5 +368,6 @@ def run_tasks(engine, tasks: list[str], out_dir: str | Path, methods: list[Metho
         items = {task: n["effective"] for task, n in result.get("n-samples", {}).items()}
     summary = {"task": "lm-eval", "data": "lm-eval", "tasks": tasks, "items": sum(items.values()),
                "items_per_task": items, "methods": rows, "notes": []}
-    report(summary, out_dir)
+    if parallel.is_main():
+        report(summary, out_dir)
     return summary

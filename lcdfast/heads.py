@@ -27,6 +27,7 @@ from torch import Tensor
 from .checkpoint import finite
 from .errors import LcdError
 from .model import Transformer, softcapped
+from .parallel import all_reduce
 from .quant import dense, weight_rows
 
 FORMAT = "lcdfast-exit-heads/1"
@@ -143,10 +144,17 @@ def fingerprint(model: Transformer) -> dict:
     cfg = model.config
     shape = {k: getattr(cfg, k) for k in ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                                            "head_dim", "hidden_dim", "embed_dim", "norm", "positions")}
-    rows = torch.linspace(0, cfg.vocab_size - 1, 32).long()
-    head = weight_rows(model.output.weight, rows.to(model.device))  # [32, E]
+    rows = torch.linspace(0, cfg.vocab_size - 1, 32).long().to(model.device)
+    shard = model.vocab_shard
+    if shard is None:
+        norms = weight_rows(model.output.weight, rows).float().norm(dim=-1)  # [32]
+    else:  # tensor parallel: each rank's norms of the rows it holds, summed over the ranks
+        local = rows - shard.start
+        mine = (local >= 0) & (local < shard.rows)
+        norms = weight_rows(model.output.weight, local.clamp(0, shard.rows - 1)).float().norm(dim=-1)
+        norms = all_reduce(torch.where(mine, norms, 0.0), shard.group)
     return {"config_sha256": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest(),
-            "head_norms": [round(x, 6) for x in head.float().norm(dim=-1).tolist()]}
+            "head_norms": [round(x, 6) for x in norms.tolist()]}
 
 
 def check_fingerprint(path: Path, meta: dict, model: Transformer) -> None:

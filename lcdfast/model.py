@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import csrc_on
+from .parallel import VocabShard, all_reduce, gather_vocab
 from .quant import QuantWeight, dense, dequantize, weight_rows
 
 
@@ -268,6 +269,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.kv_cache: KVCache | None = None
+        self.group = None  # tensor parallel (parallel.shard_model): this rank holds some heads; wo's sum all-reduced
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor, slots: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -282,7 +284,8 @@ class Attention(nn.Module):
         q = qkv[:, :, :H].transpose(1, 2)  # [B, H, T, D]
         n_slots = mask.shape[-1]  # P <= S slots attended
         y = attend(q, k[:, :, :n_slots], v[:, :, :n_slots], mask, self.scale, self.softcap)  # [B, H, T, D]
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, C]
+        y = self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, C]
+        return y if self.group is None else all_reduce(y, self.group)
 
 
 class FeedForward(nn.Module):
@@ -292,12 +295,15 @@ class FeedForward(nn.Module):
         # w13: gate and up side by side when gated (one product), else fc1; w2: down / fc2
         self.w13 = Linear(cfg.dim, cfg.hidden_dim * (2 if cfg.gated_mlp else 1), bias=cfg.mlp_bias)
         self.w2 = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.group = None  # tensor parallel: this rank holds some of the hidden columns; w2's sum all-reduced
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.gated:
-            return self.w2(self.act(self.w13(x)))
-        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, hidden] each
-        return self.w2(self.act(gate) * up)
+            y = self.w2(self.act(self.w13(x)))
+        else:
+            gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, hidden] each
+            y = self.w2(self.act(gate) * up)
+        return y if self.group is None else all_reduce(y, self.group)
 
 
 class Block(nn.Module):
@@ -339,6 +345,7 @@ class Transformer(nn.Module):
         self.output = Linear(cfg.embed_dim, cfg.vocab_size)  # [V, E]: also the tied embedding table
         self.max_batch = self.max_seq_len = -1
         self.quantization = ""  # the weights' quantization, set by the loader: "int8", "int4:32", "gguf", ...
+        self.vocab_shard: VocabShard | None = None  # tensor parallel: `output` holds this rank's vocabulary rows
 
     @property
     def dtype(self) -> torch.dtype:
@@ -370,7 +377,8 @@ class Transformer(nn.Module):
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         dtype, device = self.dtype, self.device
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
+            heads = layer.attention.n_kv_heads  # this rank's, under tensor parallelism
+            layer.attention.kv_cache = KVCache(max_batch, heads, max_seq_len, cfg.head_dim, dtype, device)
         if cfg.positions == "rotary":
             for suffix, local in [("", False)] + ([("_local", True)] if cfg.local_rope_theta else []):
                 angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(cfg, local))
@@ -420,9 +428,8 @@ class Transformer(nn.Module):
     def rope_tables(self, positions: Tensor, local: bool = False) -> tuple[Tensor, Tensor]:
         """cos, sin [B, T, H + 2K, D] at `positions` [B, T] for apply_rotary over q, k and v at once: the value
         heads get cos 1, sin 0 (unchanged). `local`: Gemma 3's windowed layers' tables."""
-        cfg = self.config
-        rotated = (torch.arange(cfg.n_heads + 2 * cfg.n_kv_heads, device=positions.device)
-                   < cfg.n_heads + cfg.n_kv_heads)[:, None]  # [H + 2K, 1]
+        H, K = self.layers[0].attention.n_heads, self.layers[0].attention.n_kv_heads  # this rank's
+        rotated = (torch.arange(H + 2 * K, device=positions.device) < H + K)[:, None]  # [H + 2K, 1]
         cos, sin = (self.rope_cos_local, self.rope_sin_local) if local else (self.rope_cos, self.rope_sin)
         cos, sin = cos[positions][:, :, None], sin[positions][:, :, None]  # [B, T, 1, D]
         return torch.where(rotated, cos, 1.0), torch.where(rotated, sin, 0.0)
@@ -440,8 +447,10 @@ class Transformer(nn.Module):
 
     def logits(self, h: Tensor, capped: bool = True) -> Tensor:
         """The head's logits [..., V] from a hidden state [..., E], soft-capped where the model caps; `capped`
-        False: the bare head (DoLa's readout of an un-normed stream, as transformers computes it)."""
-        return softcapped(self.output(h), self.config.final_softcap if capped else 0.0)
+        False: the bare head (DoLa's readout of an un-normed stream, as transformers computes it). Tensor parallel:
+        every rank's vocabulary rows gathered."""
+        logits = self.output(h) if self.vocab_shard is None else gather_vocab(self.output(h), self.vocab_shard)
+        return softcapped(logits, self.config.final_softcap if capped else 0.0)
 
     def final_hidden(self, h: Tensor) -> Tensor:
         """Final norm then OPT's project_out: [..., C] -> [..., E]."""

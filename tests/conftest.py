@@ -18,6 +18,8 @@ TINY = {
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=6, n_head=4, n_positions=256)),
     "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
                         max_position_embeddings=256)),
+    "llama-odd-heads": ("llama", dict(hidden_size=96, intermediate_size=97, num_hidden_layers=4, num_attention_heads=6,
+                                      num_key_value_heads=3, tie_word_embeddings=False)),  # halves don't split evenly
     "llama-amateur": ("llama", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=2, tie_word_embeddings=True)),
     "qwen2-untied": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
