@@ -12,7 +12,16 @@ import torch
 from torch import Tensor
 
 from .checkpoint import finite, load_model
-from .compiling import RECOMPILE_LIMIT, StepTimings, expected_costs, fx_cache_counts, step_key, use_cache_dir
+from .compiling import (
+    RECOMPILE_LIMIT,
+    SavedStep,
+    StepTimings,
+    expected_costs,
+    fx_cache_counts,
+    saved_step_path,
+    step_key,
+    use_cache_dir,
+)
 from .errors import LcdError, whole
 from .generate import (
     METHODS,
@@ -73,15 +82,18 @@ class Engine:
         cfg = model.config
         self.max_seq_len = min(max_seq_len, cfg.max_positions) if cfg.positions == "learned" else max_seq_len
         self.amateur: Transformer | None = None
+        self.amateur_dir: Path | None = None
         self.exit_heads: ExitHeads | None = None  # --exit-heads: fitted lenses or trained heads per layer
         self._readouts: dict[tuple, Readout] = {}
         self._files: dict[str, ExitHeads] = {}  # exit heads' files read so far, by path
         self.compile_mode = "auto"  # "auto": when it pays off (compiling.py) | "on" | "off"
         self.compiled_step: Callable | None = None
         self.compiled_keys: set[str] = set()  # steps this process has compiled (or tried to)
+        self.saved_steps: dict[str, SavedStep] = {}  # CPU: the steps compiled ahead of time, by step key
         self.timings = StepTimings()
         # the context a first compile runs in (the CLI shows a status line); `notices` said once each on stderr
-        self.compile_status: Callable[[str], contextlib.AbstractContextManager] = lambda label: contextlib.nullcontext()
+        self.compile_status: Callable[..., contextlib.AbstractContextManager] = \
+            lambda label, loads=False: contextlib.nullcontext()
         self.notices: set[str] = set()
         self.prefix_cache: dict = {}  # scoring: the last shared prompt prefix's K/V per model
         self.eos_ids = sorted(set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
@@ -99,7 +111,7 @@ class Engine:
         if amateur.config.vocab_size != self.model.config.vocab_size:
             raise LcdError(f"--amateur-model {path}: vocab_size {amateur.config.vocab_size} differs from the "
                            f"expert's {self.model.config.vocab_size}")
-        self.amateur = amateur
+        self.amateur, self.amateur_dir = amateur, Path(path).resolve()
 
     def set_exit_heads(self, path: str | Path | None) -> None:
         """Read the exit layers through a file's lenses or trained heads (heads.py); None: the shared head again."""
@@ -137,21 +149,34 @@ class Engine:
         model = self.model
         weights = str(model.dtype).removeprefix("torch.") + (f"-{model.quantization}" if model.quantization else "")
         weights += f"-tp{self.model.vocab_shard.group.size()}" if self.model.vocab_shard is not None else ""
+        if dc.method == "cd" and self.amateur is not None:
+            weights += f" amateur={self.amateur_dir}"
         key = step_key(self.model_dir, weights, model.device.type, dc, batch, slots)
         if self.compile_mode == "off" or steps < 1:  # no decode step to compile
             return decode_step, key, False
+        # CPU, one rank: the step is saved whole once compiled, so a later process loads it (compiling.SavedStep)
+        path = saved_step_path(f"{key} csrc={csrc_on(model.device)}", self.model_dir) \
+            if model.device.type == "cpu" and model.vocab_shard is None else None
         # quantized weights without csrc's products: an eager step dequantizes every weight, so always compile
         eager_dequantizes = bool(model.quantization) and not csrc_on(model.device)
         if self.compile_mode == "auto" and key not in self.compiled_keys and not eager_dequantizes:
-            compile_s, saving_ms = expected_costs(self.timings.get(key), model.device.type, model.weight_bytes)
+            saved = path is not None and path.exists()
+            compile_s, saving_ms = expected_costs(self.timings.get(key), model.device.type, model.weight_bytes, saved)
             if steps * saving_ms / 1000 <= compile_s:
-                self._say_once("eager", f"decoding eagerly: compiling the step would take ~{compile_s:.0f}s to save "
+                verb = "loading the compiled step" if saved else "compiling the step"
+                self._say_once("eager", f"decoding eagerly: {verb} would take ~{compile_s:.0f}s to save "
                                f"~{saving_ms:.1f} ms on each of {steps} steps (--compile to compile anyway)")
                 return decode_step, key, False
         self._compiled()
         first = key not in self.compiled_keys
         self.compiled_keys.add(key)
-        return self._step, key, first
+        if path is None:
+            return self._step, key, first
+        if key not in self.saved_steps:
+            self.saved_steps[key] = SavedStep(decode_step, path, self._step, lambda text: self._say_once(key, text))
+        step = self.saved_steps[key]
+        step.recheck()
+        return step, key, first
 
     def _step(self, *args):
         """The compiled step, or eager if compiling fails (said once; compilation fails before any state changes)."""
@@ -354,7 +379,8 @@ class Engine:
         amateur = self.amateur if dc.method == "cd" else None
         slots = generation_slots(self.model, amateur, max(len(ids) for ids in encoded), max_new_tokens)
         step, key, first = self._plan_step(dc, len(encoded), slots, max_new_tokens - 1)
-        warmup = self.compile_status(f"{dc.method}, batch {len(encoded)}") if first else None
+        loads = isinstance(step, SavedStep) and step.fn is None and step.path.exists()
+        warmup = self.compile_status(f"{dc.method}, batch {len(encoded)}", loads) if first else None
         before = fx_cache_counts() if first else (0, 0)
         with torch.inference_mode():
             out, reasons, layers, stats = generate_ids(
@@ -362,10 +388,12 @@ class Engine:
                 self._readout(dc.exit_layers, dc.exit_heads), step,
                 on_tokens if stream is not None or stop else None, warmup)  # no per-token decoding unless needed
         seconds = time.perf_counter() - t0
-        stats["compiled"] = step == self._step and self.compiled_step is not None  # (it may have fallen back)
+        saved = isinstance(step, SavedStep) and not step.failed
+        stats["compiled"] = step is not decode_step and (saved or self.compiled_step is not None)  # (or fell back)
         after = fx_cache_counts() if first else (0, 0)
-        stats["compile_cache_hit"] = after[0] > before[0] if first else None
+        stats["compile_cache_hit"] = (after[0] > before[0] or saved and step.loaded) if first else None
         stats["compile_uncached"] = after[1] > before[1]
+        stats["compile_loaded"] = saved and step.loaded if first else None
         self._record(key, stats, first)
         results = []
         for i, ids in enumerate(out):
@@ -387,7 +415,8 @@ class Engine:
             values["compiled_ms" if stats["compiled"] else "eager_ms"] = \
                 1000 * stats["decode_seconds"] / stats["decode_steps"]
         if compiled_first and stats["compiled"]:
-            values["warm_s" if stats["compile_cache_hit"] else "cold_s"] = stats["compile_seconds"]
+            kind = "load_s" if stats["compile_loaded"] else "warm_s" if stats["compile_cache_hit"] else "cold_s"
+            values[kind] = stats["compile_seconds"]
             values["uncached"] = stats["compile_uncached"]
         if values:
             self.timings.update(key, **values)

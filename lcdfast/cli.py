@@ -174,14 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def compile_status(engine, label: str) -> Iterator[None]:
-    """A status line with elapsed time on stderr while a decode step compiles (a spinner on a terminal), then
-    how long it took (unless compiling failed: the engine has said so and decodes eagerly)."""
+def compile_status(engine, label: str, loads: bool = False) -> Iterator[None]:
+    """A status line with elapsed time on stderr while a decode step compiles or loads (`loads`: from the file it
+    was saved in; a spinner on a terminal), then how long it took (unless compiling failed: the engine has said so
+    and decodes eagerly)."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console, t0 = Console(stderr=True), time.perf_counter()
-    text = f"compiling the decode step ({label}; cached for later runs)"
+    text = f"loading the compiled decode step ({label})" if loads else \
+        f"compiling the decode step ({label}; saved for later runs)"
     if console.is_terminal:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
@@ -191,7 +193,8 @@ def compile_status(engine, label: str) -> Iterator[None]:
         print(f"lcdfast: {text} ...", file=sys.stderr, flush=True)
         yield
     if engine.compiled_step is not None:
-        print(f"lcdfast: compiled the decode step ({label}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(f"lcdfast: {'loaded' if loads else 'compiled'} the decode step ({label}) in "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
 def load_engine(args):
@@ -209,7 +212,7 @@ def load_engine(args):
         engine.enable_compile()
     elif args.compile is False:
         engine.compile_mode = "off"
-    engine.compile_status = lambda label: compile_status(engine, label)
+    engine.compile_status = lambda label, loads=False: compile_status(engine, label, loads)
     return engine
 
 
@@ -261,7 +264,7 @@ def cmd_generate(args) -> None:
             record = {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "new_tokens": r.new_tokens,
                       "prompt_tokens": r.prompt_tokens, "finish_reason": r.finish_reason,
                       "seconds": round(r.seconds, 4), "method": args.method, "compiled": r.stats["compiled"],
-                      "compile_cache_hit": r.stats["compile_cache_hit"],
+                      "compile_cache_hit": r.stats["compile_cache_hit"], "compile_loaded": r.stats["compile_loaded"],
                       **{k: round(r.stats[k], 4) for k in ("prefill_seconds", "compile_seconds", "decode_seconds")}}
             if r.dola_layers is not None:
                 record["dola_layers"] = r.dola_layers

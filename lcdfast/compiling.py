@@ -11,13 +11,21 @@ runs and kept in $LCDFAST_HOME/compile/timings.json, and priors until they are: 
 COLD_PRIOR_S; once one has been (the caches are now warm) WARM_FRACTION of it until a warm one is measured
 (all of it for a graph inductor could not cache);
 an eager step streams the weights at PRIOR_BANDWIDTH (CPU) and compiling saves SAVING_PRIOR of it.
+
+On CPU a compiled step is also saved whole (SavedStep: Dynamo's output with inductor's, in
+$LCDFAST_HOME/compile/steps), so a later process loads it in a few seconds (LOAD_PRIOR_S until measured) instead
+of tracing it again.
 """
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from .convert import lcdfast_home
 
@@ -25,6 +33,7 @@ COLD_PRIOR_S = 60.0  # first compile of a step: 8-100 s measured on 2 CPU cores
 WARM_FRACTION = 0.2  # warm-cache compile / cold compile (11 of 72 s measured for SmolLM2's greedy step)
 PRIOR_BANDWIDTH = 10e9  # bytes/s an eager CPU step reads its weights at, before one is measured
 SAVING_PRIOR = {"cpu": 0.3, "cuda": 0.8}  # share of an eager step compiling saves, before it is measured
+LOAD_PRIOR_S = 4.0  # loading a saved step (SavedStep): 2-3.5 s measured on 2 CPU cores, before it is measured
 KEEP = 256  # the most recently run steps kept in timings.json
 RECOMPILE_LIMIT = 128  # graphs Dynamo may make of the step (one per config and batch); its setting is per thread
 
@@ -99,9 +108,12 @@ class StepTimings:
             pass
 
 
-def expected_costs(record: dict, device: str, weight_bytes: int) -> tuple[float, float]:
-    """(seconds a compile of this step is expected to take, milliseconds it is expected to save a step)."""
-    if "warm_s" in record:
+def expected_costs(record: dict, device: str, weight_bytes: int, saved: bool = False) -> tuple[float, float]:
+    """(seconds a compile of this step is expected to take, milliseconds it is expected to save a step).
+    `saved`: the step is saved (SavedStep), so "compiling" it is loading it."""
+    if saved:
+        compile_s = record.get("load_s", LOAD_PRIOR_S)
+    elif "warm_s" in record:
         compile_s = record["warm_s"]
     elif "cold_s" in record:
         compile_s = record["cold_s"] * (1.0 if record.get("uncached") else WARM_FRACTION)
@@ -113,3 +125,108 @@ def expected_costs(record: dict, device: str, weight_bytes: int) -> tuple[float,
     else:
         saving_ms = eager_ms * SAVING_PRIOR.get(device, 0.3)
     return float(compile_s), float(saving_ms)
+
+
+@functools.cache
+def sources_digest() -> str:
+    """torch's version and lcdfast's own sources (csrc's too): a saved step is reused only by the code that saved
+    it, since it holds the bytecode Dynamo made of that code."""
+    h = hashlib.sha256(torch.__version__.encode())
+    root = Path(__file__).resolve().parent
+    for f in sorted([*root.glob("*.py"), *(root.parent / "csrc").glob("*")]):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def saved_step_path(key: str, model_dir: Path) -> Path:
+    """The file a step is saved in: by its step_key, the code that compiles it, and the model's weight files (their
+    names, sizes and times; a step's graph is specialized on how they load, e.g. a head tied to the embedding)."""
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(model_dir.glob("*.safetensors"))]
+    name = hashlib.sha256(f"{key} {sources_digest()} {files}".encode()).hexdigest()[:24]
+    return compile_home() / "steps" / f"{name}.bin"
+
+
+def portable_guards(entries) -> list[bool]:
+    """torch.compile's guard_filter_fn for a saved step: the guards a file can carry (tensors' shapes, dtypes and
+    strides, the step's constants); not those on object identities or globals, which no later process shares."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsaveable = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
+    return [not (g.is_global or "__import__(" in g.name or g.guard_type in unsaveable
+                 or any(t in unsaveable for t in g.derived_guard_types)) for g in entries]
+
+
+def _unmarked(args: tuple) -> tuple:
+    """`args` with each tensor marked dynamic (torch._dynamo.maybe_mark_dynamic) as a fresh view without the mark: a
+    loaded step's guards (torch 2.13) refuse the mark although the step was compiled with it."""
+    return tuple(a[...] if isinstance(a, torch.Tensor) and hasattr(a, "_has_dynamo_dim_marking") else a for a in args)
+
+
+class SavedStep:
+    """The decode step for one step_key, compiled ahead of time (torch.compile(...).aot_compile: Dynamo's bytecode
+    and guards with inductor's graph) and kept in `path`, so that a later process loads it (2-3.5 s here) instead
+    of tracing the step again with Dynamo (~7 s; and inductor caches no graph with torch.cond, so ACD's and top-p's
+    steps would compile in full, ~40 s). The compiled kernels' binaries stay in inductor's cache
+    ($LCDFAST_HOME/compile/inductor): without it a load compiles them again. The file is a pickle that lcdfast
+    writes and reads, as inductor's own caches are; never a model file.
+
+    The first call compiles and saves the step, or loads the file; the guards are checked on the first call after
+    each `recheck()` (a generation's first step: ~0.5 ms, too dear for every step), and a step whose guards fail is
+    compiled again. Anything failing there falls back to `fallback` (the in-process torch.compile), said once."""
+
+    def __init__(self, step: Callable, path: Path, fallback: Callable, notice: Callable[[str], None]) -> None:
+        self.step, self.path, self.fallback, self.notice = step, path, fallback, notice
+        self.fn = None
+        self.check = True
+        self.loaded = False  # this process found the step in its file
+        self.failed = False
+
+    def recheck(self) -> None:
+        self.check = True
+
+    def __call__(self, *args):
+        if not self.check:
+            return self.fn(*_unmarked(args))
+        if self.failed:
+            return self.fallback(*args)
+        try:
+            if self.fn is None and self.path.exists():
+                self.fn = self._load()
+                self.loaded = self.fn is not None
+            if self.fn is not None and not self.fn.guard_check(*_unmarked(args)):
+                self.fn, self.loaded = None, False
+            if self.fn is None:
+                self.fn = self._compile(args)
+            out = self.fn(*_unmarked(args))
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the in-process compile
+            self.failed, self.fn = True, None
+            self.notice(f"the compiled step can't be saved or loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); compiling it in this process only")
+            return self.fallback(*args)
+        self.check = False
+        return out
+
+    def _load(self):
+        from torch._guards import TracingContext, tracing
+
+        try:
+            # torch 2.13's guard state unpickles sources that install guards, which needs a tracing context
+            with self.path.open("rb") as f, tracing(TracingContext(None)):
+                fn = torch.compiler.load_compiled_function(f)
+        except Exception as e:  # noqa: BLE001 - a torn, stale or foreign file: compile again
+            self.notice(f"{self.path}: saved step unreadable ({type(e).__name__}); compiling it again")
+            return None
+        fn.disable_guard_check()  # checked by __call__, on a generation's first step
+        return fn
+
+    def _compile(self, args: tuple):
+        compiled = torch.compile(self.step, fullgraph=True, dynamic=False, options={"guard_filter_fn": portable_guards})
+        fn = compiled.aot_compile((args, {}))
+        fn.disable_guard_check()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fn.save_compiled_function(str(self.path))
+        except Exception as e:  # noqa: BLE001 - it still runs in this process
+            self.notice(f"{self.path}: can't save the compiled step ({type(e).__name__}: {str(e)[:200]})")
+        return fn

@@ -1,5 +1,6 @@
 """The compiled decode step: token-identical to eager, and no recompilation as the position grows."""
 
+import contextlib
 import os
 
 import pytest
@@ -82,22 +83,61 @@ def generate_in_a_new_process(model, home, *options) -> tuple[dict, str]:
     return json.loads(done.stdout), done.stderr
 
 
-def test_second_process_reuses_the_compile_cache(tiny_dir, tmp_path):
-    """The decode step's compiled graph is kept under $LCDFAST_HOME: a second process finds it (torch's FX graph cache
-    hit), compiles in less time, and decodes the same tokens as the first and as --no-compile. (Greedy: torch 2.13
-    caches no graph with torch.cond, which ACD's masked contrast and top-p sampling hold.)"""
+@pytest.mark.parametrize("options", [[], ["--method", "acd", "--amateur-layer", "1"]], ids=["greedy", "acd"])
+def test_second_process_loads_the_saved_step(tiny_dir, tmp_path, options):
+    """The compiled step is saved under $LCDFAST_HOME (compiling.SavedStep): a second process loads it instead of
+    tracing it again, in less time, and decodes the same tokens as the first and as --no-compile. ACD's step holds
+    torch.cond, which inductor's own caches skip: saved whole, it loads all the same."""
     model = tiny_dir("llama-tied-gqa")[0]
-    first, err = generate_in_a_new_process(model, tmp_path, "--compile")
-    assert first["compiled"] and first["compile_cache_hit"] is False and first["compile_seconds"] > 0
-    assert "compiled the decode step (greedy, batch 1)" in err
+    first, err = generate_in_a_new_process(model, tmp_path, "--compile", *options)
+    assert first["compiled"] and first["compile_loaded"] is False and first["compile_seconds"] > 0
+    assert "compiled the decode step (" in err and "saved for later runs" in err
     assert any((tmp_path / "compile" / "inductor").iterdir())
-    second, _ = generate_in_a_new_process(model, tmp_path, "--compile")
-    assert second["compiled"] and second["compile_cache_hit"] is True
+    assert len(list((tmp_path / "compile" / "steps").iterdir())) == 1
+    second, err = generate_in_a_new_process(model, tmp_path, "--compile", *options)
+    assert second["compiled"] and second["compile_loaded"] is True and "loaded the decode step" in err
     assert second["compile_seconds"] < first["compile_seconds"]
-    eager, _ = generate_in_a_new_process(model, tmp_path, "--no-compile")
+    eager, _ = generate_in_a_new_process(model, tmp_path, "--no-compile", *options)
     assert not eager["compiled"] and eager["compile_seconds"] == 0
     assert first["token_ids"] == second["token_ids"] == eager["token_ids"]
     assert set(first) >= {"prefill_seconds", "compile_seconds", "decode_seconds"}
+
+
+def test_saved_step_compiles_again_when_its_guards_fail(tiny_dir, tmp_path):
+    """A saved step's file read for a model it was not compiled for (other shapes): its guards, checked on a
+    generation's first step, fail, so the step is compiled again for this model, and decodes as eager does."""
+    from lcdfast.compiling import SavedStep
+
+    path, notices = tmp_path / "step.bin", []
+    prompts = [[5, 9, 11, 4]]
+    for kind in ("llama-untied", "llama-tied-gqa"):
+        model = load_model(tiny_dir(kind)[0])
+        step = SavedStep(decode_step, path, fallback=decode_step, notice=notices.append)
+        eager, _, _, _ = generate_ids(model, prompts, CONFIGS["greedy"], 12, [])
+        ours, _, _, _ = generate_ids(model, prompts, CONFIGS["greedy"], 12, [], step_fn=step,
+                                     warmup=contextlib.nullcontext())
+        assert ours == eager and step.fn is not None and not step.failed and not step.loaded, kind
+        assert path.exists()
+    assert notices == []
+
+
+def test_saved_step_survives_a_bad_file_and_a_step_it_cannot_compile(tmp_path):
+    from lcdfast.compiling import SavedStep
+
+    notices = []
+    (tmp_path / "torn.bin").write_bytes(b"not a saved step")
+    assert SavedStep(decode_step, tmp_path / "torn.bin", decode_step, notices.append)._load() is None
+    assert "torn.bin: saved step unreadable" in notices[-1]
+
+    def breaks(x):
+        torch._dynamo.graph_break()
+        return x + 1
+
+    step = SavedStep(breaks, tmp_path / "breaks.bin", fallback=lambda x: x * 10, notice=notices.append)
+    assert step(torch.ones(2)).tolist() == [10.0, 10.0] and step.failed
+    assert "the compiled step can't be saved or loaded" in notices[-1] and len(notices) == 2
+    assert step(torch.ones(2)).tolist() == [10.0, 10.0] and len(notices) == 2  # said once
+    assert not (tmp_path / "breaks.bin").exists()
 
 
 def test_auto_compiles_only_where_it_pays_off(tiny_dir, tmp_path, monkeypatch, capsys):

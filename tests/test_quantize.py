@@ -97,6 +97,10 @@ def forward(model, ids, layers=()):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_every_family_quantized_equals_its_float_twin(kind, mode, tiny_dir):
     path, _ = tiny_dir(kind)
+    if mode == "int4" and kind == "llama-odd-heads":  # its MLP is 97 wide: no whole groups of 32 inputs in w2
+        with pytest.raises(LcdError, match="'layers.0.feed_forward.w2.weight' has 97 input column"):
+            load_model(path, quantize=mode)
+        return
     qmodel = load_model(path, quantize=mode)
     linears = [m for m in qmodel.modules() if isinstance(m, Linear | QuantLinear | torch.nn.Embedding)]
     assert all(isinstance(m, QuantLinear) for m in linears if m is not qmodel.pos_embeddings), \
@@ -272,5 +276,5 @@ def test_auto_compiles_a_quantized_step_without_csrc(tiny_dir):
         pytest.skip("csrc is on: eager quantized steps are fast")
     path = tiny_dir("llama-tied-gqa")[0]
     quantized, floats = lcdfast.load(path, quantize="int8"), lcdfast.load(path)
-    assert quantized._plan_step(DecodeConfig(), 1, 256, 3)[0] == quantized._step
+    assert quantized._plan_step(DecodeConfig(), 1, 256, 3)[0] in quantized.saved_steps.values()  # compiled (CPU)
     assert floats._plan_step(DecodeConfig(), 1, 256, 3)[0] is decode_step
