@@ -110,17 +110,20 @@ def _check_limit(limit: int | None) -> None:
         raise LcdError(f"limit: {limit} must be >= 1 (or None for all items)")
 
 
-def read_open_ended(path: str | Path, limit: int | None = None) -> list[dict]:
-    """JSONL with `prompt` and `reference` (human continuation) per line; `id` kept if present."""
-    _check_limit(limit)
+def text_lines(path: str | Path) -> list[tuple[int, str]]:
+    """A text file's non-blank lines with their 1-based numbers (a BOM dropped); LcdError naming it if unreadable."""
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LcdError(f"{path}: cannot read ({e})") from None
+    return [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def read_open_ended(path: str | Path, limit: int | None = None) -> list[dict]:
+    """JSONL with `prompt` and `reference` (human continuation) per line; `id` kept if present."""
+    _check_limit(limit)
     items, seen = [], {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, line in text_lines(path):
         try:
             rec = json.loads(line)
         except (ValueError, RecursionError):
@@ -482,14 +485,8 @@ def _merged(path: Path, items: list[dict], fields: dict | None) -> str | None:
 def read_prompts(path: str | Path) -> list[dict]:
     """A batch job's prompts: per line a JSON object with a string `prompt` (and an `id`, else the line number) or a
     JSON string; in a file not named .jsonl, a line that is not JSON is a prompt as it stands."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LcdError(f"{path}: cannot read ({e})") from None
     items, seen = [], {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, line in text_lines(path):
         try:
             rec = json.loads(line)
         except (ValueError, RecursionError):
