@@ -17,6 +17,7 @@ $LCDFAST_HOME/compile/steps), so a later process loads it in a few seconds (LOAD
 of tracing it again.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -35,6 +36,7 @@ PRIOR_BANDWIDTH = 10e9  # bytes/s an eager CPU step reads its weights at, before
 SAVING_PRIOR = {"cpu": 0.3, "cuda": 0.8}  # share of an eager step compiling saves, before it is measured
 LOAD_PRIOR_S = 4.0  # loading a saved step (SavedStep): 2-3.5 s measured on 2 CPU cores, before it is measured
 KEEP = 256  # the most recently run steps kept in timings.json
+KEEP_SAVED = 48  # the most recently used saved steps kept in compile/steps (~5 MB each for SmolLM2)
 RECOMPILE_LIMIT = 128  # graphs Dynamo may make of the step (one per config and batch); its setting is per thread
 
 
@@ -218,6 +220,8 @@ class SavedStep:
             self.notice(f"{self.path}: saved step unreadable ({type(e).__name__}); compiling it again")
             return None
         fn.disable_guard_check()  # checked by __call__, on a generation's first step
+        with contextlib.suppress(OSError):
+            os.utime(self.path)  # recently used: kept by prune_saved
         return fn
 
     def _compile(self, args: tuple):
@@ -229,4 +233,15 @@ class SavedStep:
             fn.save_compiled_function(str(self.path))
         except Exception as e:  # noqa: BLE001 - it still runs in this process
             self.notice(f"{self.path}: can't save the compiled step ({type(e).__name__}: {str(e)[:200]})")
+        prune_saved(self.path.parent)
         return fn
+
+
+def prune_saved(folder: Path, keep: int | None = None) -> None:
+    """Delete all but the `keep` (KEEP_SAVED) most recently used saved steps in `folder`."""
+    try:
+        files = sorted(folder.glob("*.bin"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+        for f in files[KEEP_SAVED if keep is None else keep:]:
+            f.unlink(missing_ok=True)
+    except OSError:
+        pass

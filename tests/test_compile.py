@@ -161,6 +161,17 @@ def test_auto_compiles_only_where_it_pays_off(tiny_dir, tmp_path, monkeypatch, c
     assert "compiled_ms" in engine.timings.get(key)
 
 
+def test_saved_steps_keep_the_most_recently_used(tmp_path):
+    from lcdfast.compiling import prune_saved
+
+    for i, name in enumerate("abcd"):
+        (tmp_path / f"{name}.bin").write_bytes(b"x")
+        os.utime(tmp_path / f"{name}.bin", ns=(i * 10**9, (10 - i if name == "a" else i) * 10**9))  # "a" used last
+    (tmp_path / "other.txt").write_text("not a step")
+    prune_saved(tmp_path, keep=2)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.bin", "d.bin", "other.txt"]
+
+
 def test_expected_costs_use_measurements_then_priors():
     from lcdfast.compiling import COLD_PRIOR_S, WARM_FRACTION, expected_costs
 
