@@ -11,6 +11,7 @@ reductions the contrast makes) and the bytes a step moves. Writes parallel.json 
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -19,11 +20,19 @@ from pathlib import Path
 
 import torch
 
-from bench import cpu_info  # bench/bench.py, beside this script
-
 METHODS = {"greedy": {"method": "greedy"}, "acd": {"method": "acd", "amateur_layer": "auto"},
            "dola": {"method": "dola", "dola_layers": "low"}}
 PROMPT = "The history of the printing press begins"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def step_bytes(cfg, B: int, tp: int, method: str, layers: int, act: int, candidates: int = 64) -> dict:
@@ -113,8 +122,7 @@ def main() -> None:
             subprocess.run([*launch, *common, "--tp", str(tp), "--result", str(result)], check=True, env=env)
             runs[label] = json.loads(result.read_text())
     one, split = runs["one process"], runs[f"--tp {args.tp}"]
-    report = {"cpu": cpu_info()["model"], "torch": torch.__version__,
-              "model": args.model or "bundled SmolLM2-135M-Instruct",
+    report = {"cpu": cpu_name(), "torch": torch.__version__, "model": args.model or "bundled SmolLM2-135M-Instruct",
               "tp": args.tp, "compiled": args.compile, "runs": runs,
               "same_tokens": {m: one["methods"][m]["tokens"] == split["methods"][m]["tokens"] for m in one["methods"]}}
     out = Path(args.out)

@@ -16,6 +16,7 @@ serve.json and serve.md into --out. The CPU is recorded.
 import argparse
 import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -29,7 +30,6 @@ import httpx
 import torch
 
 import lcdfast
-from bench import cpu_info  # bench/bench.py, beside this script
 
 PROMPTS = [
     "The history of the printing press begins", "In a small village at the foot of the mountains, an old clockmaker",
@@ -43,6 +43,16 @@ PROMPTS = [
 ]
 MIXED = [dict(method="greedy"), dict(method="acd"), dict(method="dola", dola_layers="high", repetition_penalty=1.2),
          dict(method="sample", temperature=0.8, top_p=0.95)]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def rss_mb(pid: int) -> float:
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             except httpx.HTTPError:
                 time.sleep(0.5)
         reference = lcdfast.load(model, compile=False)
-        results = {"cpu": cpu_info()["model"], "cores": os.cpu_count(), "model": str(model), "torch": torch.__version__,
+        results = {"cpu": cpu_name(), "cores": os.cpu_count(), "model": str(model), "torch": torch.__version__,
                    "compiled": not args.no_compile, "clients": args.clients, "new_tokens": args.new_tokens}
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients)]
         greedy = [{"prompt": q, "max_tokens": args.new_tokens, "temperature": 0} for q in prompts]
