@@ -4,8 +4,8 @@ One run, one machine: prefill and decode tokens/s per (weights, batch, method, e
 transformers and to lcdfast greedy, the floors (weight bytes over the measured streaming-read bandwidth, over the
 copy bandwidth, and the bare chain of the same matrix products), compile warm-up and peak memory reported apart.
 Weights are a dtype (float32, bfloat16) or a quantization (int8, int4, ... with float32 activations; gguf: the
-bundled GGUF's own Q4_1 / Q8_0 blocks), and llama.cpp (llama-cpp-python, the `bench` extra) decodes the same GGUF
-with the same threads, greedy, batch 1, as a row of the gguf block. The CPU's model and vector extensions are
+bundled GGUF's own Q4_1 / Q8_0 blocks; any of them +a8: int8 activations too), and llama.cpp (llama-cpp-python,
+the `bench` extra) decodes the same GGUF with the same threads, greedy, batch 1, as a row of the gguf block. The CPU's model and vector extensions are
 recorded. Writes results.json, results.md and results.png into --out.
 
     python bench/bench.py [--quick] [--model DIR] [--dtypes float32,int8,int4,gguf] [--out bench/results]
@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--quick", action="store_true", help="float32, batch 1, 32 tokens, greedy/acd/dola-high")
     p.add_argument("--dtypes", default="float32,bfloat16",
-                   help="weights: float32 | bfloat16 | int8 | int8:G | int4 | int4:G | gguf, comma-separated")
+                   help="weights: float32 | bfloat16 | int8 | int8:G | int4 | int4:G | gguf, each quantized one "
+                        "optionally +a8 (int8 activations), comma-separated")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_transformers and not quantize:
             hf, tok = load_transformers(model_dir, DTYPES[dtype])
         llm = None
-        if quantize == "gguf" and not args.no_llama_cpp:
+        if quantize.startswith("gguf") and not args.no_llama_cpp:  # gguf and gguf+a8: the same file
             from lcdfast.convert import bundled_gguf
 
             llm = load_llama_cpp(Path(args.gguf) if args.gguf else bundled_gguf(), torch.get_num_threads())

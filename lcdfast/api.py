@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import quant
 from .checkpoint import finite, load_model
 from .compiling import (
     RECOMPILE_LIMIT,
@@ -106,8 +107,9 @@ class Engine:
         """CD's separate amateur model: same vocabulary required; it keeps its own KV cache."""
         if not isinstance(path, str | Path):
             raise LcdError(f"amateur model: expected a directory path, got {path!r}")
-        mode = self.model.quantization
-        amateur = load_model(path, self.model.dtype, self.model.device, None if mode in ("", "gguf") else mode)
+        mode = self.model.quantization  # the amateur's own GGUF blocks, or its float weights as the expert's are
+        amateur = load_model(path, self.model.dtype, self.model.device,
+                             None if quant.split_a8(mode)[0] in ("", "gguf") else mode)
         if amateur.config.vocab_size != self.model.config.vocab_size:
             raise LcdError(f"--amateur-model {path}: vocab_size {amateur.config.vocab_size} differs from the "
                            f"expert's {self.model.config.vocab_size}")
@@ -572,9 +574,11 @@ def load(path: str | Path | None = None, dtype: str = "float32", device: str = "
     run, False never. `quantize`: weight-only quantization of every linear and the head as they are read ('int8':
     one scale per output row; 'int8:G', 'int4' = 'int4:32', 'int4:G': per group of G inputs; quant.py); 'gguf':
     the blocks of a checkpoint converted from GGUF, as they are; '': float; None: as stored (a quantized
-    checkpoint's codes, else float). `tp`: split the model over that many ranks (tensor parallel; the process
-    is one of them, started by torchrun with as many processes): each loads the checkpoint on the CPU, keeps its
-    part (parallel.shard_model) and moves it to `device` (its own GPU under CUDA)."""
+    checkpoint's codes, else float); any of these modes + '+a8' (e.g. 'gguf+a8'): activations quantized to int8 at
+    each product with a quantized weight too (quant.quantize_activations). `tp`: split the model over that many
+    ranks (tensor parallel; the process is one of them, started by torchrun with as many processes): each loads
+    the checkpoint on the CPU, keeps its part (parallel.shard_model) and moves it to `device` (its own GPU under
+    CUDA)."""
     if path is None:
         from .convert import default_model_dir
         path = default_model_dir()

@@ -595,8 +595,12 @@ def load_model(
     stored = read_codes(model_dir)
     stored_mode = stored[0] if stored else None
     has_float = (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
+    quantize, a8 = quant.split_a8(quantize)
     if quantize is None:
         quantize = stored_mode if stored and not has_float else ""
+    if a8 and not quantize:
+        raise LcdError(f"quantize: {quant.A8!r} quantizes the activations of quantized weights; give the weights' mode "
+                       f"too (e.g. 'int8{quant.A8}', 'gguf{quant.A8}')")
     if quantize == "gguf" and stored_mode != "gguf":
         raise LcdError(f"quantize: 'gguf' needs a checkpoint converted from GGUF by this version of lcdfast (its "
                        f"blocks in {CODES}); {model_dir} has {f'{stored_mode} codes' if stored else 'none'}")
@@ -656,7 +660,8 @@ def load_model(
             weight = quant.quantize(tensor, bits, group, ours)
         if weight is not None:
             quantized[ours.removesuffix(".weight")] = weight
-            state.update({ours.removesuffix("weight") + k: t for k, t in weight._asdict().items() if t is not None})
+            state.update({ours.removesuffix("weight") + k: t for k, t in weight._asdict().items()
+                          if isinstance(t, Tensor)})
         else:
             state[ours] = tensor
     if torch.device(device).type == "cpu":
@@ -664,9 +669,10 @@ def load_model(
     for name, weight in quantized.items():  # the module takes the codes (assigned from `state` below)
         parent, _, leaf = name.rpartition(".")
         bias = getattr(model.get_submodule(name), "bias", None)
-        setattr(model.get_submodule(parent), leaf, QuantLinear(weight, bias))
+        setattr(model.get_submodule(parent), leaf, QuantLinear(weight._replace(a8=a8), bias))
     model.load_state_dict(state, strict=True, assign=True)
     model.quantization = stored_mode if take_codes and quantize else quantize if bits else ""
+    model.quantization += quant.A8 if a8 and model.quantization else ""
     return model.eval().requires_grad_(False)
 
 

@@ -24,7 +24,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--quantize", default=None,
                    help="weight-only quantization at load: int8 | int8:G | int4 | int4:G (G = 32, 64, 128, 256); "
-                        "gguf: a GGUF conversion's own blocks (default: as stored)")
+                        "gguf: a GGUF conversion's own blocks (default: as stored); a suffix +a8 (gguf+a8, int8+a8) "
+                        "quantizes the activations to int8 too (faster with csrc, not exact)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step with torch.compile (CUDA graphs on a GPU); default: when it pays off")
     p.add_argument("--exit-heads", default=None,

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from .kernels import csrc_on
 from .model import linear, realized, softcapped
 from .parallel import VocabShard, all_reduce, gather_vocab
-from .quant import QuantWeight, weight_rows
+from .quant import QuantWeight, quantize_activations, weight_rows
 
 
 def plausible_mask(expert_logp: Tensor, alpha: float, min_tokens_to_keep: int = 1) -> Tensor:
@@ -52,9 +52,10 @@ def acd_log_probs(
 def amateur_logits_at(hidden: Tensor, head: Tensor | QuantWeight, token_ids: Tensor) -> Tensor:
     """The masked contrast op's core: head logits only at `token_ids` [B, K], from hidden [B, E] and a head
     weight [V, E] (float, or quantized: then only those rows are dequantized). Reads K rows of the head instead of
-    all V. The fused op returns float32."""
+    all V. The fused op returns float32 (an a8 head's hidden on the int8 grid, as its full product takes it)."""
     if isinstance(head, QuantWeight):
-        return torch.einsum("be,bke->bk", hidden.float(), weight_rows(head, token_ids))
+        hidden = quantize_activations(hidden) if head.a8 else hidden.float()
+        return torch.einsum("be,bke->bk", hidden, weight_rows(head, token_ids))
     if csrc_on(hidden.device):  # csrc/, when built (kernels.py)
         return torch.ops.lcdfast.masked_logits(hidden, head, token_ids)
     return torch.einsum("be,bke->bk", hidden, head[token_ids])
@@ -116,13 +117,14 @@ def branch(pred: Tensor, if_true, if_false, operands: tuple) -> Tensor:
     if not torch.compiler.is_compiling():
         return (if_true if pred else if_false)(*operands)
     # realized: inductor (torch 2.13) may lay out cond's operands in an order its branch graphs don't expect
-    # cond takes tensors only: the operands flattened (a QuantWeight into its tensors, a None left out), rebuilt inside
+    # cond takes tensors only: the operands flattened (a QuantWeight into its tensors; a None or its a8 flag kept as
+    # a constant), rebuilt inside
     leaves, spec = pytree.tree_flatten(operands)
-    kept = [i for i, t in enumerate(leaves) if t is not None]
+    kept = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
 
     def rebuilt(fn: Callable) -> Callable:
         def call(*tensors: Tensor) -> Tensor:
-            full = [None] * len(leaves)
+            full = list(leaves)
             for i, t in zip(kept, tensors):
                 full[i] = t
             return fn(*pytree.tree_unflatten(full, spec))

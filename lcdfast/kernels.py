@@ -6,7 +6,8 @@ once for this CPU, cached in torch's extensions dir (TORCH_EXTENSIONS_DIR, else 
   its torch reference; the CUDA kernel is built only with a CUDA torch and nvcc;
 - `model.linear` on CPU calls `torch.ops.lcdfast.skinny_linear` for products of up to SKINNY_ROWS rows (decode
   steps, DoLa's stacked exit heads) instead of BLAS or inductor's reduction (compiled single rows stay there), and
-  `torch.ops.lcdfast.quant_linear` for those of quantized weights (quant.py), compiled single rows included;
+  `torch.ops.lcdfast.quant_linear` for those of quantized weights (quant.py), compiled single rows included, or
+  `quant_linear_a8` where the weights say their activations are quantized too (`+a8`);
 - `contrast.js_divergence` on CPU calls `torch.ops.lcdfast.js_divergence` (DoLa's layer selection in two passes).
 Any failure (no compiler, no ninja, a build error) says so in one line on stderr and leaves the torch path in use;
 nothing here raises. Building needs ninja (`pip install ninja`, in the dev and csrc extras).
@@ -85,6 +86,7 @@ def _build() -> frozenset[str]:
     torch.library.register_fake("lcdfast::skinny_linear", _skinny_linear_fake)
     torch.library.register_fake("lcdfast::js_divergence", _js_divergence_fake)
     torch.library.register_fake("lcdfast::quant_linear", _quant_linear_fake)
+    torch.library.register_fake("lcdfast::quant_linear_a8", _quant_linear_fake)
     return frozenset(devices)
 
 

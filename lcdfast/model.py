@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .kernels import csrc_on
 from .parallel import VocabShard, all_reduce, gather_vocab
-from .quant import QuantWeight, dense, dequantize, weight_rows
+from .quant import QuantWeight, dense, dequantize, quantize_activations, weight_rows
 
 
 @dataclass
@@ -190,9 +190,12 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) 
     out = weight.shape[0]
     if on_cpu and rows <= SKINNY_ROWS and (quantized or not (fused and rows == 1)) and csrc_on(x.device):
         if quantized:
-            y = torch.ops.lcdfast.quant_linear(x.reshape(rows, -1), *weight)  # [M, out]
+            op = torch.ops.lcdfast.quant_linear_a8 if weight.a8 else torch.ops.lcdfast.quant_linear
+            y = op(x.reshape(rows, -1), weight.q, weight.scale, weight.low)  # [M, out]
         else:
             y = torch.ops.lcdfast.skinny_linear(x.reshape(rows, -1), weight)
+    elif quantized and weight.a8:  # the a8 products' reference: x on its int8 grid times the dequantized weight
+        return linear(quantize_activations(x), weight._replace(a8=False), bias).to(x.dtype)
     elif fused:
         w = dequantize(weight, x.dtype) if quantized else weight  # an expression inductor fuses into the loop
         x_rows = realized(x.reshape(rows, -1))  # else inductor recomputes x's producers per weight row
@@ -227,10 +230,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", weight.scale)
         self.register_buffer("low", weight.low)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.a8 = weight.a8
 
     @property
     def weight(self) -> QuantWeight:
-        return QuantWeight(self.q, self.scale, self.low)
+        return QuantWeight(self.q, self.scale, self.low, self.a8)
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)

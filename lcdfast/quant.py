@@ -10,6 +10,11 @@ A quantized weight [N, K] (out, in) is a `QuantWeight` of three tensors:
 The layout is the same whether the codes came from `quantize` (a float checkpoint, `--quantize int8|int4`) or from a
 GGUF file's Q8_0 / Q4_0 / Q4_1 blocks (convert.py), so one set of products (model.linear, csrc/quant_linear.cpp)
 serves both. Scales and minimums are stored in float16 (as GGUF's blocks hold them) unless that loses them.
+
+A mode with `+a8` (`gguf+a8`, `int8+a8`, `int4:64+a8`) quantizes the activations too, at each product with a quantized
+weight (`a8` on the QuantWeight): each block of 32 columns of an input row as int8 codes and one float32 scale
+(`quantize_activations`, llama.cpp's Q8 scheme), so csrc multiplies integers. Not exact: it is the mode that trades
+accuracy for speed, measured in bench/quantized.py.
 """
 
 from typing import NamedTuple
@@ -22,12 +27,14 @@ from .errors import LcdError, shown
 CHUNK = 32  # 4-bit codes are packed per chunk of this many columns (see the module docstring)
 GROUPS = (32, 64, 128, 256)
 MODES = "int8 (one scale per row), int8:G, int4 (= int4:32) or int4:G with G in 32, 64, 128, 256"
+A8 = "+a8"  # the suffix of a mode whose activations are quantized too
 
 
 class QuantWeight(NamedTuple):
     q: Tensor  # int8 [N, K] or packed 4-bit uint8 [N, K/2]
     scale: Tensor  # [N, K/G]
     low: Tensor | None  # [N, K/G], or None: symmetric
+    a8: bool = False  # its products take the activations as int8 codes (quantize_activations)
 
     @property
     def bits(self) -> int:
@@ -44,7 +51,14 @@ class QuantWeight(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.low) if t is not None)
+
+
+def split_a8(mode: str | None) -> tuple[str | None, bool]:
+    """'gguf+a8' -> ('gguf', True): the weights' mode, and whether activations are quantized too."""
+    if isinstance(mode, str) and mode.endswith(A8):
+        return mode.removesuffix(A8), True
+    return mode, False
 
 
 def parse_mode(mode: str, name: str = "quantize") -> tuple[int, int]:
@@ -111,10 +125,22 @@ def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> Tensor:
     return groups.reshape(*lead, K).to(dtype)
 
 
+def quantize_activations(x: Tensor) -> Tensor:
+    """x [..., K] on the int8 grid the a8 products use: per block of 32 columns (the last may be shorter) a scale
+    d = max |x| / 127 (1 for an all-zero block) and codes round(x / d) (half to even), as float32 codes * d."""
+    K = x.shape[-1]
+    blocks = torch.nn.functional.pad(x.float(), (0, -K % CHUNK)).unflatten(-1, (-1, CHUNK))  # [..., B, 32]
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    d = torch.where(d > 0, d, 1.0)
+    return ((blocks / d).round().clamp(-127, 127) * d).flatten(-2)[..., :K]
+
+
 def weight_rows(weight: Tensor | QuantWeight, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Rows `ids` [...] of a weight [N, K], float: [..., K] (a quantized weight's rows dequantized alone)."""
     if isinstance(weight, QuantWeight):
-        return dequantize(QuantWeight(*(None if t is None else t[ids] for t in weight)), dtype or torch.float32)
+        low = None if weight.low is None else weight.low[ids]
+        rows = weight._replace(q=weight.q[ids], scale=weight.scale[ids], low=low)
+        return dequantize(rows, dtype or torch.float32)
     return weight[ids] if dtype is None else weight[ids].to(dtype)
 
 

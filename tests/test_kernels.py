@@ -311,27 +311,31 @@ assert kernels.csrc_on(torch.device("cpu")) and not kernels.csrc_on(torch.device
 
 @pytest.mark.parametrize("mode", ["int8", "int8:32", "int4", "int4:64"])
 @pytest.mark.parametrize("scales", [torch.float16, torch.float32])
-def test_quant_linear_matches_float64(op, mode, scales):
-    """csrc's quant_linear for 1-13 rows, an odd number of outputs (tiles end in single rows), int8 with one scale
-    per row over a width that is no multiple of 32 (the scalar tail), both scale dtypes; eager and compiled."""
+@pytest.mark.parametrize("a8", [False, True])
+def test_quant_linear_matches_float64(op, mode, scales, a8):
+    """csrc's quant_linear (a8: quant_linear_a8, against x on quant.quantize_activations' int8 grid) for 1-13 rows,
+    an odd number of outputs (tiles end in single rows), int8 with one scale per row over a width that is no
+    multiple of 32 (the scalar tail, and a shorter last block of activation codes), groups over 10 chunks (a span of
+    8 read as vectors and 2 after it), both scale dtypes; eager and compiled."""
     from test_quantize import reference_weight
 
     from lcdfast import quant
 
     bits, group = quant.parse_mode(mode)
-    K = 200 if mode == "int8" else 192
+    K = 200 if mode == "int8" else 320
     g = torch.Generator().manual_seed(7)
     qw = quant.quantize(torch.randn(67, K, generator=g), bits, group)
     qw = quant.QuantWeight(qw.q, qw.scale.to(scales), None if qw.low is None else qw.low.to(scales))
     ref_w = reference_weight(qw)
+    product = torch.ops.lcdfast.quant_linear_a8 if a8 else torch.ops.lcdfast.quant_linear
     torch.compiler.reset()
-    compiled = torch.compile(lambda x, *w: torch.ops.lcdfast.quant_linear(x, *w), fullgraph=True, dynamic=False)
+    compiled = torch.compile(lambda x, *w: product(x, *w), fullgraph=True, dynamic=False)
     for rows in range(1, 14):
-        x = torch.randn(rows, K, generator=g)
-        want = x.double() @ ref_w.t()
-        for fn in (torch.ops.lcdfast.quant_linear, compiled) if rows in (1, 9) else (torch.ops.lcdfast.quant_linear,):
-            got = fn(x, *qw)
+        x = torch.randn(rows, K, generator=g) * torch.linspace(0.01, 10, K)  # blocks of very different scales
+        want = (quant.quantize_activations(x) if a8 else x).double() @ ref_w.t()
+        for fn in (product, compiled) if rows in (1, 9) else (product,):
+            got = fn(x, qw.q, qw.scale, qw.low)
             err = ((got.double() - want).abs().max() / want.abs().max()).item()
             assert got.shape == (rows, 67) and err < 1e-6, f"{mode}, {rows} rows: relative error {err}"
     with pytest.raises(RuntimeError, match="need `low`"):
-        torch.ops.lcdfast.quant_linear(torch.randn(1, K), qw.q, qw.scale, None if qw.low is not None else qw.scale)
+        product(torch.randn(1, K), qw.q, qw.scale, None if qw.low is not None else qw.scale)

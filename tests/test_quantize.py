@@ -61,6 +61,71 @@ def test_products_match_float64(mode, rows, compiled):
     assert err < 1e-5, f"{mode}, {rows} rows, compiled={compiled}: relative error {err}"
 
 
+def test_activation_codes_are_int8_per_block_of_32():
+    """quantize_activations: per block of 32 columns (the last one shorter) codes in -127..127 times one scale,
+    the block's largest magnitude on +-127 exactly, each value within half a step, zeros kept."""
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(1)) * torch.linspace(1e-3, 50, 70)
+    x[1, 32:64] = 0
+    got = quant.quantize_activations(x).double()
+    for b in range(0, 70, 32):
+        block, gb = x[:, b:b + 32].double(), got[:, b:b + 32]
+        d = block.abs().amax(-1, keepdim=True).float().double() / 127
+        d = torch.where(d > 0, d, 1.0)
+        codes = gb / d
+        assert (codes - codes.round()).abs().max() < 1e-4 and codes.abs().max() <= 127 + 1e-4
+        assert ((gb - block).abs() <= 0.5 * d * (1 + 1e-5)).all()
+        top = block.abs().argmax(-1, keepdim=True)
+        assert torch.allclose(gb.gather(1, top).abs(), block.gather(1, top).abs(), rtol=1e-6)
+    assert (got[1, 32:64] == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows,compiled", [(1, False), (5, False), (13, False), (1, True), (9, True)])
+def test_a8_products_match_float64(mode, rows, compiled):
+    """A weight marked a8 multiplies quantize_activations(x): eager (csrc's quant_linear_a8 when built, else the
+    torch reference) and compiled alike."""
+    bits, group = quant.parse_mode(mode)
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(rows)
+    w, x, bias = (torch.randn(*shape, generator=gen) for shape in ((67, 192), (rows, 192), (67,)))
+    qw = quant.quantize(w, bits, group)._replace(a8=True)
+    want = quant.quantize_activations(x).double() @ reference_weight(qw).t() + bias.double()
+    fn = torch.compile(linear, fullgraph=True, dynamic=False) if compiled else linear
+    got = fn(x, qw, bias)
+    err = ((got.double() - want).abs() / want.abs().max()).max().item()
+    assert got.shape == (rows, 67) and err < 1e-5, f"{mode}+a8, {rows} rows, compiled={compiled}: relative error {err}"
+    plain = (x.double() @ reference_weight(qw).t() + bias.double() - want).abs().max().item()
+    assert plain > 1e-4 * want.abs().max().item(), "the int8 activations change the product"
+
+
+@pytest.mark.parametrize("mode", ["int4+a8", "int8+a8"])
+def test_a8_model_decodes_compiled_as_eager(mode, tiny_dir):
+    """'+a8' at load: every quantized linear takes int8 activations (the model says so), its logits stay near the
+    weight-only model's, and a compiled ACD step decodes what the eager one does, with one graph."""
+    path = tiny_dir("llama-untied")[0]
+    model, weight_only = load_model(path, quantize=mode), load_model(path, quantize=mode.removesuffix("+a8"))
+    assert model.quantization == mode
+    assert all(m.weight.a8 for m in model.modules() if isinstance(m, QuantLinear))
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+    (got, _), (want, _) = forward(model, ids), forward(weight_only, ids)
+    gap = (got - want).abs().max().item() / want.abs().max().item()
+    assert 0 < gap < 0.05, gap
+    dc = DecodeConfig(method="acd", exit_layers=(3,))
+    torch.compiler.reset()
+    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    eager, *_ = generate_ids(model, [[5, 9, 17], [4]], dc, 32, [])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled, *_ = generate_ids(model, [[5, 9, 17], [4]], dc, 32, [], step_fn=step)
+    assert compiled == eager
+
+
+def test_a8_alone_is_a_one_line_error(tiny_dir):
+    with pytest.raises(LcdError, match=r"^quantize: '\+a8' quantizes the activations of quantized weights; give"):
+        load_model(tiny_dir("llama-untied")[0], quantize="+a8")
+    with pytest.raises(LcdError, match=r"^quantize: 'int5' is not a quantization mode"):
+        load_model(tiny_dir("llama-untied")[0], quantize="int5+a8")
+
+
 def test_shapes_that_do_not_fit_a_group_are_errors():
     with pytest.raises(LcdError, match="tensor 'w13.weight' has 80 input columns, not a multiple of 64"):
         quant.quantize(torch.randn(4, 80), 4, 64, "w13.weight")
