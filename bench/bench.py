@@ -5,8 +5,8 @@ transformers and to lcdfast greedy, the floors (weight bytes over the measured s
 copy bandwidth, and the bare chain of the same matrix products), compile warm-up and peak memory reported apart.
 Weights are a dtype (float32, bfloat16) or a quantization (int8, int4, ... with float32 activations; gguf: the
 bundled GGUF's own Q4_1 / Q8_0 blocks; any of them +a8: int8 activations too), and llama.cpp (llama-cpp-python,
-the `bench` extra) decodes the same GGUF with the same threads, greedy, batch 1, as a row of the gguf block. The CPU's model and vector extensions are
-recorded. Writes results.json, results.md and results.png into --out.
+the `bench` extra) decodes the same GGUF with the same threads, greedy, batch 1, as a row of each gguf block. The
+CPU's model and vector extensions are recorded. Writes results.json, results.md and results.png into --out.
 
     python bench/bench.py [--quick] [--model DIR] [--dtypes float32,int8,int4,gguf] [--out bench/results]
 """
