@@ -111,19 +111,6 @@ inline void codes_chunk(const uint8_t* row, int64_t c, vec (&out)[kVecs]) {
 #endif
 }
 
-#if defined(LCDFAST_AVX2)
-inline float hsum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-#endif
-
 constexpr int64_t kSpan = 8;  // chunks whose scales are read as one vector (groups of 32: a scale per chunk)
 
 template <typename scale_t>
@@ -139,6 +126,30 @@ struct Job {
   float* out;           // [M, N]
   int64_t M, N, K;
 };
+
+// Chunks c.. of kTile rows with one weight scale at a time (any group size; with one scale per row, 1 here and the
+// row's scale at the end): per chunk, the minimums' term low * x_sum(m, c) into low_sums, then step(c, w_scale).
+template <int kTile, int MR, bool kPerRow, typename scale_t, typename Sums, typename Step>
+void chunks_from(const Job<scale_t>& job, int64_t n0, int64_t c, int64_t chunks, float (&low_sums)[kTile][MR],
+                 Sums x_sum, Step step) {
+  const int64_t group_chunks = kPerRow ? chunks + 1 : job.group / kChunk;
+  for (int64_t g = c / group_chunks, left = group_chunks - c % group_chunks; c < chunks; ++c) {  // g: c's group
+    if (left-- == 0) {
+      ++g;
+      left = group_chunks - 1;
+    }
+    float w_scale[kTile];
+    for (int n = 0; n < kTile; ++n) {
+      const int64_t at = (n0 + n) * job.groups + g;
+      w_scale[n] = kPerRow ? 1.f : to_float(job.scales[at]);
+      if (job.lows) {
+        const float low = to_float(job.lows[at]);
+        for (int m = 0; m < MR; ++m) low_sums[n][m] += low * x_sum(m, c);
+      }
+    }
+    step(c, w_scale);
+  }
+}
 
 // sums[n][m] = w[n0 + n] . x[m0 + m] for kTile weight rows and MR input rows. With groups of 32 (a scale per chunk)
 // the scales and the minimums' terms are read 8 chunks at a time, in vectors.
@@ -180,9 +191,9 @@ void block(const Job<scale_t>& job, int64_t n0, int64_t m0, float (&sums)[kTile]
       alignas(32) float scales[kTile][kSpan];
       for (int n = 0; n < kTile; ++n) {
         const int64_t at = (n0 + n) * job.groups + c;
-        _mm256_store_ps(scales[n], load8(job.scales + at));
+        _mm256_store_ps(scales[n], lcdfast::simd::load(job.scales + at));
         if (job.lows) {
-          const __m256 lows = load8(job.lows + at);
+          const __m256 lows = lcdfast::simd::load(job.lows + at);
           for (int m = 0; m < MR; ++m)
             low_acc[n][m] = _mm256_fmadd_ps(lows, _mm256_loadu_ps(job.xsums + (m0 + m) * chunks + c), low_acc[n][m]);
         }
@@ -190,27 +201,13 @@ void block(const Job<scale_t>& job, int64_t n0, int64_t m0, float (&sums)[kTile]
       for (int64_t j = 0; j < kSpan; ++j) step(c + j, [&](int n) { return scales[n][j]; });
     }
     for (int n = 0; n < kTile; ++n)
-      for (int m = 0; m < MR; ++m) low_sums[n][m] = hsum8(low_acc[n][m]);
+      for (int m = 0; m < MR; ++m) low_sums[n][m] = lcdfast::simd::hsum(low_acc[n][m]);
   }
 #endif
-  // the remaining chunks (any group size), one scale at a time
-  const int64_t group_chunks = kPerRow ? chunks + 1 : job.group / kChunk;
-  for (int64_t g = c / group_chunks, left = group_chunks - c % group_chunks; c < chunks; ++c) {  // g: c's group
-    if (left-- == 0) {
-      ++g;
-      left = group_chunks - 1;
-    }
-    float w_scale[kTile];
-    for (int n = 0; n < kTile; ++n) {
-      const int64_t at = (n0 + n) * job.groups + g;
-      w_scale[n] = kPerRow ? 1.f : to_float(job.scales[at]);
-      if (job.lows) {
-        const float low = to_float(job.lows[at]);
-        for (int m = 0; m < MR; ++m) low_sums[n][m] += low * job.xsums[(m0 + m) * chunks + c];
-      }
-    }
-    step(c, [&](int n) { return w_scale[n]; });
-  }
+  // the remaining chunks
+  chunks_from<kTile, MR, kPerRow>(
+      job, n0, c, chunks, low_sums, [&](int m, int64_t c) { return job.xsums[(m0 + m) * chunks + c]; },
+      [&](int64_t c, const float (&w_scale)[kTile]) { step(c, [&](int n) { return w_scale[n]; }); });
   for (int n = 0; n < kTile; ++n)
     for (int m = 0; m < MR; ++m) {
       float sum = hsum(acc[n][m]);
@@ -260,46 +257,55 @@ void products(const Job<scale_t>& job) {
     per_row ? tiled<2, 4, kFour, true>(job) : tiled<2, 4, kFour, false>(job);
 }
 
-at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                            const std::optional<at::Tensor>& low) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scale.dim() == 2, "quant_linear: x must be [M, K], q and scale 2-d, got ",
+// The checks and set-up both products share: `run(job, four)` fills job.out from a Job over x as float32 (xsums:
+// each chunk's sum of x, for the minimums' term, when `with_sums`).
+template <typename Run>
+at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                   const std::optional<at::Tensor>& low, bool with_sums, Run run) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scale.dim() == 2, op, ": x must be [M, K], q and scale 2-d, got ",
               x.sizes(), ", ", q.sizes(), ", ", scale.sizes());
   const bool four = q.scalar_type() == at::kByte;
-  TORCH_CHECK(four || q.scalar_type() == at::kChar, "quant_linear: q must be int8 or uint8 (packed 4-bit), got ",
+  TORCH_CHECK(four || q.scalar_type() == at::kChar, op, ": q must be int8 or uint8 (packed 4-bit), got ",
               q.scalar_type());
   const int64_t M = x.size(0), N = q.size(0), K = x.size(1);
-  TORCH_CHECK(q.size(1) == (four ? K / 2 : K) && (!four || K % kChunk == 0), "quant_linear: q ", q.sizes(),
+  TORCH_CHECK(q.size(1) == (four ? K / 2 : K) && (!four || K % kChunk == 0), op, ": q ", q.sizes(),
               " does not fit x ", x.sizes());
-  TORCH_CHECK(scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0, "quant_linear: scale ",
-              scale.sizes(), " does not fit q ", q.sizes());
+  TORCH_CHECK(scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0, op, ": scale ", scale.sizes(),
+              " does not fit q ", q.sizes());
   const int64_t G = K / scale.size(1);
-  TORCH_CHECK(scale.size(1) == 1 || G % kChunk == 0, "quant_linear: group size ", G, " is not a multiple of 32");
-  TORCH_CHECK(four == low.has_value(), "quant_linear: 4-bit codes need `low`, int8 codes take none");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf,
-              "quant_linear: scale must be float32 or float16, got ", scale.scalar_type());
+  TORCH_CHECK(scale.size(1) == 1 || G % kChunk == 0, op, ": group size ", G, " is not a multiple of 32");
+  TORCH_CHECK(four == low.has_value(), op, ": 4-bit codes need `low`, int8 codes take none");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf, op,
+              ": scale must be float32 or float16, got ", scale.scalar_type());
   if (low) {
-    TORCH_CHECK(low->sizes() == scale.sizes() && low->scalar_type() == scale.scalar_type(),
-                "quant_linear: low ", low->sizes(), " ", low->scalar_type(), " differs from scale");
+    TORCH_CHECK(low->sizes() == scale.sizes() && low->scalar_type() == scale.scalar_type(), op, ": low ",
+                low->sizes(), " ", low->scalar_type(), " differs from scale");
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous(), qc = q.contiguous(), sc = scale.contiguous();
   const at::Tensor lc = low ? low->contiguous() : at::Tensor();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.to(x.scalar_type());
-  // each chunk's sum of x, for the minimums' term ([M, K / 32]; 4-bit codes always have whole chunks)
-  const at::Tensor xsums = low ? xf.view({M, K / kChunk, kChunk}).sum(-1).contiguous() : at::Tensor();
-  auto run = [&](auto tag) {
+  const bool sums = with_sums && low;  // [M, K / 32]: 4-bit codes always have whole chunks
+  const at::Tensor xsums = sums ? xf.view({M, K / kChunk, kChunk}).sum(-1).contiguous() : at::Tensor();
+  auto dispatch = [&](auto tag) {
     using scale_t = decltype(tag);
     const Job<scale_t> job{reinterpret_cast<const uint8_t*>(qc.const_data_ptr()), qc.size(1), sc.size(1), G,
                            sc.const_data_ptr<scale_t>(), low ? lc.const_data_ptr<scale_t>() : nullptr,
-                           xf.const_data_ptr<float>(), low ? xsums.const_data_ptr<float>() : nullptr,
+                           xf.const_data_ptr<float>(), sums ? xsums.const_data_ptr<float>() : nullptr,
                            out.data_ptr<float>(), M, N, K};
-    four ? products<true>(job) : products<false>(job);
+    run(job, four);
   };
   if (sc.scalar_type() == at::kHalf)
-    run(c10::Half{});
+    dispatch(c10::Half{});
   else
-    run(float{});
+    dispatch(float{});
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& low) {
+  return product("quant_linear", x, q, scale, low, true,
+                 [](const auto& job, bool four) { four ? products<true>(job) : products<false>(job); });
 }
 
 // ---- quant_linear_a8: int8 activations ----
@@ -386,33 +392,22 @@ void block_a8(const Job<scale_t>& job, const Codes8& xc, int64_t n0, int64_t m0,
       alignas(32) float scales[kTile][MR][kSpan];
       for (int n = 0; n < kTile; ++n) {
         const int64_t at = (n0 + n) * job.groups + c;
-        const __m256 w_scales = load8(job.scales + at);
-        for (int m = 0; m < MR; ++m) _mm256_store_ps(scales[n][m], _mm256_mul_ps(w_scales, load8(xd + m * B + c)));
+        const __m256 w_scales = lcdfast::simd::load(job.scales + at);
+        for (int m = 0; m < MR; ++m)
+          _mm256_store_ps(scales[n][m], _mm256_mul_ps(w_scales, lcdfast::simd::load(xd + m * B + c)));
         if (job.lows) {
-          const __m256 lows = load8(job.lows + at);
-          for (int m = 0; m < MR; ++m) low_acc[n][m] = _mm256_fmadd_ps(lows, load8(xs + m * B + c), low_acc[n][m]);
+          const __m256 lows = lcdfast::simd::load(job.lows + at);
+          for (int m = 0; m < MR; ++m)
+            low_acc[n][m] = _mm256_fmadd_ps(lows, lcdfast::simd::load(xs + m * B + c), low_acc[n][m]);
         }
       }
       for (int64_t j = 0; j < kSpan; ++j) step(c + j, [&](int n, int m) { return scales[n][m][j]; });
     }
   }
 #endif
-  // the remaining chunks (any group size), one scale at a time
-  const int64_t group_chunks = kPerRow ? chunks + 1 : job.group / kChunk;
-  for (int64_t g = c / group_chunks, left = group_chunks - c % group_chunks; c < chunks; ++c) {
-    if (left-- == 0) {
-      ++g;
-      left = group_chunks - 1;
-    }
-    float w_scale[kTile];
-    for (int n = 0; n < kTile; ++n) {
-      const int64_t at = (n0 + n) * job.groups + g;
-      w_scale[n] = kPerRow ? 1.f : to_float(job.scales[at]);
-      if (job.lows) {
-        const float low = to_float(job.lows[at]);
-        for (int m = 0; m < MR; ++m) low_sums[n][m] += low * xs[m * B + c];
-      }
-    }
+  // the remaining chunks
+  chunks_from<kTile, MR, kPerRow>(job, n0, c, chunks, low_sums, [&](int m, int64_t c) { return xs[m * B + c]; },
+                                  [&](int64_t c, const float (&w_scale)[kTile]) {
 #if defined(LCDFAST_AVX2)
     step(c, [&](int n, int m) { return w_scale[n] * xd[m * B + c]; });
 #else
@@ -420,12 +415,12 @@ void block_a8(const Job<scale_t>& job, const Codes8& xc, int64_t n0, int64_t m0,
       for (int m = 0; m < MR; ++m)
         acc[n][m] += float(chunk_dot<kFour>(rows[n], c, xq + m * K)) * (w_scale[n] * xd[m * B + c]);
 #endif
-  }
+  });
   for (int n = 0; n < kTile; ++n)
     for (int m = 0; m < MR; ++m) {
 #if defined(LCDFAST_AVX2)
-      float sum = hsum8(acc[n][m]);
-      low_sums[n][m] += hsum8(low_acc[n][m]);
+      float sum = lcdfast::simd::hsum(acc[n][m]);
+      low_sums[n][m] += lcdfast::simd::hsum(low_acc[n][m]);
 #else
       float sum = acc[n][m];
 #endif
@@ -501,46 +496,14 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, fl
 
 at::Tensor quant_linear_a8_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                                const std::optional<at::Tensor>& low) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scale.dim() == 2, "quant_linear_a8: x must be [M, K], q and scale 2-d, "
-              "got ", x.sizes(), ", ", q.sizes(), ", ", scale.sizes());
-  const bool four = q.scalar_type() == at::kByte;
-  TORCH_CHECK(four || q.scalar_type() == at::kChar, "quant_linear_a8: q must be int8 or uint8 (packed 4-bit), got ",
-              q.scalar_type());
-  const int64_t M = x.size(0), N = q.size(0), K = x.size(1);
-  TORCH_CHECK(q.size(1) == (four ? K / 2 : K) && (!four || K % kChunk == 0), "quant_linear_a8: q ", q.sizes(),
-              " does not fit x ", x.sizes());
-  TORCH_CHECK(scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0, "quant_linear_a8: scale ",
-              scale.sizes(), " does not fit q ", q.sizes());
-  const int64_t G = K / scale.size(1);
-  TORCH_CHECK(scale.size(1) == 1 || G % kChunk == 0, "quant_linear_a8: group size ", G, " is not a multiple of 32");
-  TORCH_CHECK(four == low.has_value(), "quant_linear_a8: 4-bit codes need `low`, int8 codes take none");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf,
-              "quant_linear_a8: scale must be float32 or float16, got ", scale.scalar_type());
-  if (low) {
-    TORCH_CHECK(low->sizes() == scale.sizes() && low->scalar_type() == scale.scalar_type(),
-                "quant_linear_a8: low ", low->sizes(), " ", low->scalar_type(), " differs from scale");
-  }
-  const at::Tensor xf = x.to(at::kFloat).contiguous(), qc = q.contiguous(), sc = scale.contiguous();
-  const at::Tensor lc = low ? low->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out.to(x.scalar_type());
-  const int64_t B = (K + kChunk - 1) / kChunk;
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({M, B}, x.options().dtype(at::kFloat)), xs = at::empty({M, B}, xd.options());
-  quantize_rows(xf.const_data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
-  const Codes8 codes{xq.const_data_ptr<int8_t>(), xd.const_data_ptr<float>(), xs.const_data_ptr<float>(), B};
-  auto run = [&](auto tag) {
-    using scale_t = decltype(tag);
-    const Job<scale_t> job{reinterpret_cast<const uint8_t*>(qc.const_data_ptr()), qc.size(1), sc.size(1), G,
-                           sc.const_data_ptr<scale_t>(), low ? lc.const_data_ptr<scale_t>() : nullptr,
-                           nullptr, nullptr, out.data_ptr<float>(), M, N, K};
+  return product("quant_linear_a8", x, q, scale, low, false, [&](const auto& job, bool four) {
+    const int64_t B = (job.K + kChunk - 1) / kChunk;
+    at::Tensor xq = at::empty({job.M, job.K}, x.options().dtype(at::kChar));
+    at::Tensor xd = at::empty({job.M, B}, x.options().dtype(at::kFloat)), xs = at::empty({job.M, B}, xd.options());
+    quantize_rows(job.x, job.M, job.K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
+    const Codes8 codes{xq.const_data_ptr<int8_t>(), xd.const_data_ptr<float>(), xs.const_data_ptr<float>(), B};
     four ? products_a8<true>(job, codes) : products_a8<false>(job, codes);
-  };
-  if (sc.scalar_type() == at::kHalf)
-    run(c10::Half{});
-  else
-    run(float{});
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  });
 }
 
 }  // namespace
