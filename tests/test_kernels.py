@@ -309,6 +309,40 @@ assert kernels.csrc_on(torch.device("cpu")) and not kernels.csrc_on(torch.device
                      "building the CPU ops alone"], lines
 
 
+NARROW_BUILD = """
+import sys, torch
+from torch.utils import cpp_extension
+cpp_extension.load(name="quant_linear_" + sys.argv[1], sources=[sys.argv[2]],
+                   extra_cflags=["-O2", "-fopenmp", *sys.argv[3:]], extra_ldflags=["-fopenmp"], is_python_module=False)
+from lcdfast import quant
+g = torch.Generator().manual_seed(0)
+for mode, K in [("int8", 200), ("int8:32", 320), ("int4", 320), ("int4:64", 576)]:
+    qw = quant.quantize(torch.randn(67, K, generator=g), *quant.parse_mode(mode))
+    for rows in (1, 3, 9):
+        x = torch.randn(rows, K, generator=g) * torch.linspace(0.01, 10, K)
+        a8 = quant.quantize_activations(x)
+        for op, xin in ((torch.ops.lcdfast.quant_linear, x), (torch.ops.lcdfast.quant_linear_a8, a8)):
+            want = xin.double() @ quant.dequantize(qw).double().t()
+            err = ((op(x, qw.q, qw.scale, qw.low).double() - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-6, (mode, rows, op, err)
+"""
+
+
+@pytest.mark.parametrize("flags", [["-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-mno-avxvnni"],
+                                   ["-mno-avx", "-mno-avx2", "-mno-fma"]], ids=["avx2-no-vnni", "portable"])
+def test_quant_kernels_built_without_this_cpus_extensions(flags, op, tmp_path):
+    """quant_linear and quant_linear_a8 as a machine with fewer extensions builds them: AVX2 without VNNI (the
+    maddubs + madd path) and plain C++, against float64, in a process of their own (the ops' names are taken here)."""
+    if "-mavx2" in flags and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    env.pop("LCDFAST_CSRC", None)
+    result = subprocess.run([sys.executable, "-c", NARROW_BUILD, flags[0].strip("-").replace("-", "_"),
+                             str(ROOT / "csrc" / "quant_linear.cpp"), *flags], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8:32", "int4", "int4:64"])
 @pytest.mark.parametrize("scales", [torch.float16, torch.float32])
 @pytest.mark.parametrize("a8", [False, True])
