@@ -257,6 +257,13 @@ def test_quantize_command_writes_a_checkpoint_that_loads_as_stored(kind, mode, t
     assert code == 2 and "'gguf' needs a checkpoint converted from GGUF" in err
     code, _, err = run(capsys, "quantize", str(path), str(tmp_path / "r"), "--mode", "int5")
     assert code == 2 and "--mode: 'int5' is not a quantization mode" in err
+    code, _, err = run(capsys, "quantize", str(path), str(tmp_path / "r"), "--mode", mode + "+a8")
+    assert code == 2 and "is not a quantization mode" in err, "activations are quantized at load, not stored"
+    a8 = load_model(out, quantize=mode + "+a8")  # the stored codes, int8 activations on top
+    assert a8.quantization == mode + "+a8" and torch.equal(a8.output.q, stored.output.q)
+    code, out_text, err = run(capsys, "generate", "--model", str(out), "hello", "--max-new-tokens", "3", "--quantize",
+                              mode + "+a8", "--no-compile")
+    assert code == 0 and out_text.strip(), err
 
 
 def run_model(model, ids):
