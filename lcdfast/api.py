@@ -88,7 +88,9 @@ class Engine:
         self._readouts: dict[tuple, Readout] = {}
         self._files: dict[str, ExitHeads] = {}  # exit heads' files read so far, by path
         self.compile_mode = "auto"  # "auto": when it pays off (compiling.py) | "on" | "off"
-        self.compiled_step: Callable | None = None
+        self.compiled_step: Callable | None = None  # torch.compile(decode_step), made when first needed
+        self.compile_failed = False  # it raised once: eager from then on
+        self._compile_options: str | None = None
         self.compiled_keys: set[str] = set()  # steps this process has compiled (or tried to)
         self.saved_steps: dict[str, SavedStep] = {}  # CPU: the steps compiled ahead of time, by step key
         self.timings = StepTimings()
@@ -129,16 +131,20 @@ class Engine:
     def enable_compile(self, mode: str | None = None) -> None:
         """Compile the decode step for every run from now on (fullgraph, static shapes; CUDA graphs on a GPU), not
         only where it pays off; eager stays the fallback. `mode`: torch.compile's."""
-        self.compile_mode = "on"
-        self._compiled(mode)
+        self.compile_mode, self._compile_options = "on", mode
 
-    def _compiled(self, mode: str | None = None) -> Callable:
-        if self.compiled_step is None:
-            notice = use_cache_dir()
-            if notice:
-                self._say_once("cache", notice)
-            kwargs = {"mode": mode or ("reduce-overhead" if self.model.device.type == "cuda" else None)}
-            self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **kwargs)
+    def _use_cache_dir(self) -> None:
+        notice = use_cache_dir()
+        if notice:
+            self._say_once("cache", notice)
+
+    def _compiled(self) -> Callable | None:
+        """The in-process compiled step, made on first use (torch.compile imports Dynamo: ~2 s, which a run whose
+        step loads from its file does without until after its first token); None once it failed."""
+        if self.compiled_step is None and not self.compile_failed:
+            self._use_cache_dir()
+            mode = self._compile_options or ("reduce-overhead" if self.model.device.type == "cuda" else None)
+            self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
         return self.compiled_step
 
     def _say_once(self, kind: str, text: str) -> None:
@@ -169,11 +175,12 @@ class Engine:
                 self._say_once("eager", f"decoding eagerly: {verb} would take ~{compile_s:.0f}s to save "
                                f"~{saving_ms:.1f} ms on each of {steps} steps (--compile to compile anyway)")
                 return decode_step, key, False
-        self._compiled()
         first = key not in self.compiled_keys
         self.compiled_keys.add(key)
         if path is None:
+            self._compiled()
             return self._step, key, first
+        self._use_cache_dir()  # before the step loads: its kernels' binaries are in inductor's cache
         if key not in self.saved_steps:
             self.saved_steps[key] = SavedStep(decode_step, path, self._step, lambda text: self._say_once(key, text))
         step = self.saved_steps[key]
@@ -182,15 +189,16 @@ class Engine:
 
     def _step(self, *args):
         """The compiled step, or eager if compiling fails (said once; compilation fails before any state changes)."""
-        if self.compiled_step is not None:
+        compiled = self._compiled()
+        if compiled is not None:
             if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:  # per thread: set on whichever thread steps
                 torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
             try:
-                return self.compiled_step(*args)
+                return compiled(*args)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the reference path
                 print(f"lcdfast: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "decoding eagerly", file=sys.stderr)
-                self.compiled_step = None
+                self.compiled_step, self.compile_failed = None, True
         return decode_step(*args)
 
     def _readout(self, layers: tuple[int, ...], path: str) -> Readout | None:
@@ -382,16 +390,20 @@ class Engine:
         slots = generation_slots(self.model, amateur, max(len(ids) for ids in encoded), max_new_tokens)
         step, key, first = self._plan_step(dc, len(encoded), slots, max_new_tokens - 1)
         loads = isinstance(step, SavedStep) and step.fn is None and step.path.exists()
-        warmup = self.compile_status(f"{dc.method}, batch {len(encoded)}", loads) if first else None
-        before = fx_cache_counts() if first else (0, 0)
+        # streamed: a step that only loads (seconds) is loaded after the first token is out, with no status line
+        # (it would cut into the streamed text); a first compile (tens of seconds) shows one, before the prefill
+        late = first and loads and stream is not None
+        warmup = self.compile_status(f"{dc.method}, batch {len(encoded)}", loads) if first and not late else None
+        # (the counters import Dynamo: a step loaded late takes them after its first token, as it is loaded)
+        before = fx_cache_counts() if first and (not late or "torch._dynamo" in sys.modules) else (0, 0)
         with torch.inference_mode():
             out, reasons, layers, stats = generate_ids(
                 self.model, encoded, dc, max_new_tokens, self.eos_ids, seed, amateur,
                 self._readout(dc.exit_layers, dc.exit_heads), step,
-                on_tokens if stream is not None or stop else None, warmup)  # no per-token decoding unless needed
+                on_tokens if stream is not None or stop else None, warmup, late)  # no per-token decoding unless needed
         seconds = time.perf_counter() - t0
         saved = isinstance(step, SavedStep) and not step.failed
-        stats["compiled"] = step is not decode_step and (saved or self.compiled_step is not None)  # (or fell back)
+        stats["compiled"] = step is not decode_step and (saved or not self.compile_failed)  # (or fell back)
         after = fx_cache_counts() if first else (0, 0)
         stats["compile_cache_hit"] = (after[0] > before[0] or saved and step.loaded) if first else None
         stats["compile_uncached"] = after[1] > before[1]

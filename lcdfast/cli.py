@@ -193,7 +193,7 @@ def compile_status(engine, label: str, loads: bool = False) -> Iterator[None]:
     else:
         print(f"lcdfast: {text} ...", file=sys.stderr, flush=True)
         yield
-    if engine.compiled_step is not None:
+    if not engine.compile_failed:
         print(f"lcdfast: {'loaded' if loads else 'compiled'} the decode step ({label}) in "
               f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
 

@@ -227,13 +227,16 @@ def generate_ids(
     step_fn: Callable | None = None,
     on_tokens: Callable[[list[int], list[bool]], bool] | None = None,
     warmup: contextlib.AbstractContextManager | None = None,
+    warm_after_first: bool = False,
 ) -> tuple[list[list[int]], list[str], list[list[int]], dict]:
     """Decode every prompt together. Returns new ids, finish reasons, DoLa layers per step, and timings.
 
     `step_fn` replaces `decode_step` (the compiled version); `on_tokens(tokens, live)` sees each step's
     tokens on the host and returns True to stop a row early (stop strings) — it is called once per step.
     With `warmup`, step_fn is first called once inside that context, before the prefill, so that a compiled
-    step compiles before any token is out; its time is the stats' compile_seconds."""
+    step compiles before any token is out; its time is the stats' compile_seconds. `warm_after_first` instead
+    times step_fn's first call, after the prefill's token is out (a step that only loads: the first token need
+    not wait for it), as the compile_seconds."""
     device = model.device
     B, V = len(prompts), model.config.vocab_size
     tokens, pad = left_pad(prompts, model.config.pad_token_id or 0, device)
@@ -308,12 +311,15 @@ def generate_ids(
             break
         seen.scatter_(1, token[:, None], True)
         slot = torch.tensor([T + step], device=device)
-        with guards_checked(step):
+        t_call = time.perf_counter()
+        with guards_checked(step) if step_fn is not decode_step else contextlib.nullcontext():  # eager: no Dynamo
             token, chosen, _ = step_fn(model, amateur, readout, token[:, None], slot, span(T + step + 1), pad,
                                     seen, noise(), dc)
+        if warm_after_first and step == 0:  # the step's load (and its first call) is compile time
+            t_compile = time.perf_counter() - t_call
         if device.type == "cuda":  # a CUDA graph's outputs live in its pool, which its next replay overwrites
             token, chosen = token.clone(), chosen.clone()
-    t_decode = time.perf_counter() - t1
+    t_decode = time.perf_counter() - t1 - (t_compile if warm_after_first else 0.0)
     stats = {"prefill_seconds": t_prefill, "compile_seconds": t_compile, "decode_seconds": t_decode,
              "decode_steps": steps - 1, "prompt_tokens": T, "batch": B}
     return out, reasons, layers, stats
