@@ -208,3 +208,24 @@ def test_compile_caches_fall_back_when_their_directory_cant_be_made(tmp_path, mo
     (tmp_path / "compile").unlink()
     assert compiling.use_cache_dir() is None
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile/inductor")
+
+
+def test_streamed_run_loads_its_saved_step_after_the_first_token(tiny_dir, tmp_path, monkeypatch):
+    """A saved step that only loads does not hold back the first streamed token: it loads after the prefill's token
+    is out (its time the run's compile_seconds), and decodes what the run that compiled it did."""
+    import lcdfast
+
+    monkeypatch.setenv("LCDFAST_HOME", str(tmp_path))
+    model = tiny_dir("llama-tied-gqa")[0]
+    first = lcdfast.load(model, compile=True).generate("The fox", max_new_tokens=12)[0]
+    engine = lcdfast.load(model, compile=True)
+    loaded_at_first_token = []
+
+    def stream(row: int, text: str) -> None:
+        if not loaded_at_first_token:
+            loaded_at_first_token.append(any(s.fn is not None for s in engine.saved_steps.values()))
+
+    second = engine.generate("The fox", max_new_tokens=12, stream=stream)[0]
+    assert loaded_at_first_token == [False], "the step loaded before the first token"
+    assert second.stats["compile_loaded"] and second.stats["compile_seconds"] > 0
+    assert second.token_ids == first.token_ids
